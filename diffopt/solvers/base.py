@@ -1,0 +1,183 @@
+"""The solver-backend contract: canonical statuses, the batched cone program, results.
+
+Every backend solves the standard-form cone program (see ``docs/math``)
+
+.. math::
+
+    \\min_x \\tfrac12 x^\\top P x + c^\\top x \\quad \\text{s.t.}\\quad Ax + s = b,\\ s \\in \\mathcal K,
+
+and returns the primal-dual triple ``(x, y, s)`` with ``y`` in the dual cone, plus one canonical
+:class:`Status` per item. Backends declare what they support as class attributes; the layer
+checks them before solving, so a problem is never sent to a solver that cannot handle it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from diffopt.cones import ConeDims
+
+
+class Status(enum.Enum):
+    """Canonical outcome of one solve. The value is a sentence telling the user what it means."""
+
+    OPTIMAL = "solved to the requested tolerance"
+    INACCURATE = (
+        "the solver stopped close to, but not at, the requested tolerance; loosen the tolerance "
+        "or pass allow_inaccurate=True to accept such solutions"
+    )
+    INFEASIBLE = "the problem is primal infeasible for these parameter values: no point satisfies the constraints"
+    UNBOUNDED = "the problem is unbounded (dual infeasible) for these parameter values"
+    MAX_ITERATIONS = "the iteration limit was reached before convergence; raise max_iters or check scaling"
+    NUMERICAL_ERROR = "the solver failed numerically; check the scaling of the problem data"
+    NOT_SOLVED = "the item was not solved"
+
+    @property
+    def ok(self) -> bool:
+        """True when the item holds a solution that may be used (and differentiated)."""
+        return self is Status.OPTIMAL
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """Fixed sparsity pattern shared by every item of a batch (COO, row-major sorted)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.rows.size)
+
+
+@dataclass
+class ConeProgram:
+    """A batch of cone programs sharing one sparsity pattern.
+
+    Attributes:
+        P_pattern: pattern of the full symmetric P (both triangles), or None for LPs.
+        P_values: ``(B, nnz_P)`` values on ``P_pattern`` (None for LPs).
+        c: ``(B, n)``.
+        A_pattern: pattern of A, shape ``(m, n)``.
+        A_values: ``(B, nnz_A)``.
+        b: ``(B, m)``.
+        dims: the cone ``K`` (rows of A in the order zero, nonneg, soc, psd, exp).
+    """
+
+    P_pattern: SparsePattern | None
+    P_values: torch.Tensor | None
+    c: torch.Tensor
+    A_pattern: SparsePattern
+    A_values: torch.Tensor
+    b: torch.Tensor
+    dims: ConeDims
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.c.shape[0])
+
+    @property
+    def n(self) -> int:
+        return int(self.c.shape[1])
+
+    @property
+    def m(self) -> int:
+        return int(self.b.shape[1])
+
+    def dense_A(self) -> torch.Tensor:
+        """``(B, m, n)`` dense constraint matrices on the data's device and dtype."""
+        out = self.A_values.new_zeros(self.batch_size, *self.A_pattern.shape)
+        rows = torch.as_tensor(self.A_pattern.rows, device=out.device)
+        cols = torch.as_tensor(self.A_pattern.cols, device=out.device)
+        out[:, rows, cols] = self.A_values
+        return out
+
+    def dense_P(self) -> torch.Tensor:
+        """``(B, n, n)`` dense quadratic terms (zeros for an LP)."""
+        out = self.c.new_zeros(self.batch_size, self.n, self.n)
+        if self.P_pattern is not None and self.P_values is not None:
+            rows = torch.as_tensor(self.P_pattern.rows, device=out.device)
+            cols = torch.as_tensor(self.P_pattern.cols, device=out.device)
+            out[:, rows, cols] = self.P_values
+        return out
+
+
+@dataclass
+class Solution:
+    """Batched solver output in the standard form, with per-item diagnostics.
+
+    Attributes:
+        x, y, s: ``(B, n)``, ``(B, m)``, ``(B, m)`` tensors (NaN rows for failed items).
+        status: one :class:`Status` per item.
+        iterations: iterations used per item.
+        primal_residual: ``‖Ax + s − b‖∞`` per item.
+        dual_residual: ``‖Px + Aᵀy + c‖∞`` per item.
+        gap: ``|sᵀy|`` per item (complementarity).
+        solve_time: wall-clock seconds per item.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    s: torch.Tensor
+    status: list[Status]
+    iterations: list[int] = field(default_factory=list)
+    primal_residual: list[float] = field(default_factory=list)
+    dual_residual: list[float] = field(default_factory=list)
+    gap: list[float] = field(default_factory=list)
+    solve_time: list[float] = field(default_factory=list)
+    differentiator: Differentiator | None = None
+
+
+class Differentiator(Protocol):
+    """Linear solves with the Jacobian of the optimality conditions at a solution.
+
+    Every backend's optimality conditions read ``R = [Px + Aᵀy + c ; Ax + s(·) − b] = 0`` in some
+    internal variables ``z`` (``(x, v)`` for the conic KKT map, ``(x, y)`` for the barrier
+    system of the interior-point method), so the data enter only through
+
+    .. math:: dR = [\,dP\,x + dA^\top y + dc \;;\; dA\,x - db\,].
+
+    ``adjoint`` returns ``λ = −J⁻ᵀ g_z`` split as ``(λ₁, λ₂)`` (sizes n and m), from which the data
+    gradients are ``∇c = λ₁``, ``∇b = −λ₂``, ``∇A = yλ₁ᵀ + λ₂xᵀ``, ``∇P = sym(λ₁xᵀ)``.
+    ``tangent`` returns ``(dx, dy, ds)`` for a given ``(dR₁, dR₂)`` by solving ``J dz = −dR``.
+    """
+
+    def adjoint(
+        self, gx: torch.Tensor, gy: torch.Tensor, gs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def tangent(
+        self, dr1: torch.Tensor, dr2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class Backend:
+    """Base class for solver backends. Subclasses set the capability attributes and ``solve``.
+
+    Attributes:
+        name: the string users pass as ``solver=``.
+        cones: the cone kinds supported, among ``{"zero", "nonneg", "soc", "psd", "exp"}``.
+        quadratic_objective: whether ``P`` is accepted (otherwise QPs are refused).
+    """
+
+    name: ClassVar[str]
+    cones: ClassVar[frozenset[str]]
+    quadratic_objective: ClassVar[bool]
+
+    def supports(self, dims: ConeDims, quadratic: bool) -> str | None:
+        """Return None when the backend can solve the program, else the reason it cannot."""
+        missing = sorted(dims.kinds() - self.cones)
+        if missing:
+            return f"solver {self.name!r} does not support the cone(s) {missing}"
+        if quadratic and not self.quadratic_objective:
+            return f"solver {self.name!r} does not accept a quadratic objective"
+        return None
+
+    def solve(self, program: ConeProgram, options: dict) -> Solution:  # pragma: no cover
+        raise NotImplementedError

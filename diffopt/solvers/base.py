@@ -14,10 +14,13 @@ checks them before solving, so a problem is never sent to a solver that cannot h
 from __future__ import annotations
 
 import enum
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from diffopt.cones import ConeDims
@@ -181,3 +184,65 @@ class Backend:
 
     def solve(self, program: ConeProgram, options: dict) -> Solution:  # pragma: no cover
         raise NotImplementedError
+
+
+@dataclass
+class ItemResult:
+    """One item's answer from a per-item backend, in the standard form (NumPy arrays)."""
+
+    x: np.ndarray | None
+    y: np.ndarray | None
+    s: np.ndarray | None
+    status: Status
+    iterations: int = 0
+    solve_time: float = 0.0
+
+
+class PerItemBackend(Backend):
+    """A backend that solves items one at a time on the CPU, in a thread pool.
+
+    Subclasses implement :meth:`solve_one` on SciPy/NumPy data. The pool size is the ``n_jobs``
+    option (default: one worker per CPU core, capped at the batch size).
+    """
+
+    def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def solve(self, program: ConeProgram, options: dict) -> Solution:
+        options = dict(options)
+        n_jobs = options.pop("n_jobs", None) or min(program.batch_size, os.cpu_count() or 1)
+        c = program.c.detach().cpu().double().numpy()
+        b = program.b.detach().cpu().double().numpy()
+        Av = program.A_values.detach().cpu().double().numpy()
+        Pv = None if program.P_values is None else program.P_values.detach().cpu().double().numpy()
+        pa, pp = program.A_pattern, program.P_pattern
+
+        def one(i: int) -> ItemResult:
+            A = sp.csc_matrix((Av[i], (pa.rows, pa.cols)), shape=pa.shape)
+            P = None
+            if pp is not None and Pv is not None:
+                P = sp.csc_matrix((Pv[i], (pp.rows, pp.cols)), shape=pp.shape)
+            return self.solve_one(P, c[i], A, b[i], program.dims, options)
+
+        if n_jobs > 1 and program.batch_size > 1:
+            with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+                results = list(pool.map(one, range(program.batch_size)))
+        else:
+            results = [one(i) for i in range(program.batch_size)]
+        ref = program.c
+        B, n, m = program.batch_size, program.n, program.m
+
+        def stack(attr: str, size: int) -> torch.Tensor:
+            out = np.full((B, size), np.nan)
+            for i, r in enumerate(results):
+                val = getattr(r, attr)
+                if r.status.ok and val is not None:
+                    out[i] = val
+            return torch.as_tensor(out, dtype=ref.dtype).to(ref.device)
+
+        return Solution(
+            x=stack("x", n), y=stack("y", m), s=stack("s", m),
+            status=[r.status for r in results],
+            iterations=[r.iterations for r in results],
+            solve_time=[r.solve_time for r in results],
+        )

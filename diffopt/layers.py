@@ -1,0 +1,250 @@
+"""Differentiable optimization layers (``torch.nn.Module``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cvxpy as cp
+import torch
+from torch import nn
+
+from diffopt.canon import AffineMap, ConeTemplate, flatten_f, unflatten_f
+from diffopt.errors import InputError, ProblemError
+from diffopt.solve import SolveInfo, _Call, cone_solve
+from diffopt.solvers import get_backend
+
+#: solver_args keys consumed by diffopt itself (everything else goes to the backend).
+LAYER_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
+
+
+class CvxpyLayer(nn.Module):
+    """A parametrized CVXPY problem as a differentiable layer.
+
+    The constructor and call have the same shape as ``cvxpylayers.torch.CvxpyLayer``: switching is
+    a one-line import change. The problem is canonicalized once (CVXPY's DPP) into a cone program
+    whose data are linear in the parameters; each call solves a batch of instances and returns
+    the requested variables, differentiable through the KKT conditions (exact gradients).
+
+    Args:
+        problem: a DPP-compliant ``cvxpy.Problem``.
+        parameters: the problem's ``cvxpy.Parameter`` objects, in the order of the call's tensors.
+        variables: ``cvxpy.Variable`` objects to return, and/or constraint duals
+            (``constraint.dual_variables[0]``).
+        solver: ``"clarabel"`` (default), ``"scs"`` or ``"ecos"``.
+        solver_args: default options for every call (see :meth:`forward`).
+
+    Attributes:
+        info: :class:`~diffopt.solve.SolveInfo` of the most recent call: status, iterations and
+            residuals per item (and, after backward, which items were degenerate).
+
+    Examples:
+        >>> import cvxpy as cp, torch
+        >>> from diffopt import CvxpyLayer
+        >>> x = cp.Variable(2)
+        >>> a = cp.Parameter(2)
+        >>> prob = cp.Problem(cp.Minimize(cp.sum_squares(x - a)), [x >= 0])
+        >>> layer = CvxpyLayer(prob, parameters=[a], variables=[x])
+        >>> a_t = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+        >>> (sol,) = layer(a_t)
+        >>> sol.detach().round(decimals=6)
+        tensor([1., 0.], dtype=torch.float64)
+        >>> sol.sum().backward()
+        >>> a_t.grad
+        tensor([1., 0.], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        problem: cp.Problem,
+        parameters: Sequence[cp.Parameter],
+        variables: Sequence[cp.Variable],
+        *,
+        solver: str = "clarabel",
+        solver_args: dict | None = None,
+        gp: bool = False,
+    ) -> None:
+        super().__init__()
+        if gp:
+            raise ProblemError(
+                "gp=True (geometric programs) is not supported; write the problem in its convex "
+                "(log-log) form as a DCP problem"
+            )
+        self.template = ConeTemplate(problem, list(parameters), list(variables))
+        self.parameters_ = list(parameters)
+        self.solver = solver
+        self.solver_args = dict(solver_args or {})
+        self._check_solver(solver)
+        self.info: SolveInfo | None = None
+        t = self.template
+        self._register_map("c", t.c_map)
+        self._register_map("b", t.b_map)
+        self._register_map("A", t.A_map)
+        if t.P_map is not None:
+            self._register_map("P", t.P_map)
+        for k, rec in enumerate(t.recoveries):
+            self.register_buffer(f"rec{k}_idx", torch.as_tensor(rec.idx))
+            self.register_buffer(f"rec{k}_coef", torch.as_tensor(rec.coef))
+
+    def _register_map(self, name: str, amap: AffineMap) -> None:
+        self.register_buffer(f"{name}_rows", torch.as_tensor(amap.rows))
+        self.register_buffer(f"{name}_cols", torch.as_tensor(amap.cols))
+        self.register_buffer(f"{name}_vals", torch.as_tensor(amap.vals))
+
+    def _apply_map(self, name: str, size: int, theta: torch.Tensor) -> torch.Tensor:
+        rows = getattr(self, f"{name}_rows").to(theta.device)
+        cols = getattr(self, f"{name}_cols").to(theta.device)
+        vals = getattr(self, f"{name}_vals").to(theta.device, theta.dtype)
+        out = theta.new_zeros(theta.shape[0], size)
+        return out.index_add(1, rows, theta[:, cols] * vals)
+
+    def _check_solver(self, solver: str):
+        backend = get_backend(solver)
+        why = backend.supports(self.template.dims, self.template.P_map is not None)
+        if why is not None:
+            raise ProblemError(f"{why}; choose another solver (e.g. solver='clarabel')")
+        return backend
+
+    # -- input validation -----------------------------------------------------------------------
+    def _batch(self, params: Sequence) -> tuple[list[torch.Tensor], int, bool]:
+        t = self.template
+        if len(params) != len(t.param_shapes):
+            names = [p.name() for p in self.parameters_]
+            raise InputError(
+                f"expected {len(t.param_shapes)} tensors (one per parameter {names}), "
+                f"received {len(params)}"
+            )
+        tensors = []
+        for p, val in zip(self.parameters_, params):
+            if not isinstance(val, torch.Tensor):
+                raise InputError(
+                    f"parameter {p.name()!r}: expected a torch.Tensor, received "
+                    f"{type(val).__name__}; convert it with torch.as_tensor(...)"
+                )
+            if not val.is_floating_point():
+                raise InputError(
+                    f"parameter {p.name()!r}: expected a floating-point tensor, received dtype "
+                    f"{val.dtype}; convert it with .double() or .float()"
+                )
+            tensors.append(val)
+        dtype = tensors[0].dtype
+        for val in tensors[1:]:
+            dtype = torch.promote_types(dtype, val.dtype)
+        sizes = set()
+        for p, val in zip(self.parameters_, tensors):
+            shape = tuple(p.shape)
+            if tuple(val.shape) == shape:
+                continue
+            if val.ndim == len(shape) + 1 and tuple(val.shape[1:]) == shape:
+                sizes.add(int(val.shape[0]))
+                continue
+            raise InputError(
+                f"parameter {p.name()!r}: expected shape {shape} or (batch, *{shape}), "
+                f"received {tuple(val.shape)}"
+            )
+        if len(sizes) > 1:
+            raise InputError(
+                f"inconsistent batch sizes {sorted(sizes)} across parameters; batched tensors "
+                "must share the leading dimension (unbatched ones are broadcast)"
+            )
+        batched = bool(sizes)
+        B = sizes.pop() if sizes else 1
+        if B == 0:
+            raise InputError("batch size 0: pass at least one problem instance")
+        out = []
+        for p, val in zip(self.parameters_, tensors):
+            val = val.to(dtype)
+            if not torch.isfinite(val).all():
+                raise InputError(f"parameter {p.name()!r} contains NaN or Inf values")
+            self._check_attributes(p, val.detach())
+            if val.ndim == p.ndim:
+                val = val.unsqueeze(0).expand(B, *p.shape)
+            out.append(val)
+        return out, B, batched
+
+    @staticmethod
+    def _check_attributes(p: cp.Parameter, val: torch.Tensor) -> None:
+        if p.is_pos() and not bool((val > 0).all()):
+            raise InputError(
+                f"parameter {p.name()!r} is declared pos=True but received values <= 0 "
+                f"(min {float(val.min()):.3g}); pass positive values or drop the attribute"
+            )
+        if p.is_nonneg() and not bool((val >= 0).all()):
+            raise InputError(
+                f"parameter {p.name()!r} is declared nonneg=True but received negative values "
+                f"(min {float(val.min()):.3g}); pass nonnegative values or drop the attribute"
+            )
+        if p.is_nonpos() and not bool((val <= 0).all()):
+            raise InputError(
+                f"parameter {p.name()!r} is declared nonpos=True but received positive values "
+                f"(max {float(val.max()):.3g})"
+            )
+        if p.ndim == 2 and (p.is_symmetric() or p.is_psd()) and p.shape[0] > 1:
+            asym = float((val - val.transpose(-1, -2)).abs().max())
+            scale = max(1.0, float(val.abs().max()))
+            if asym > 1e-8 * scale:
+                raise InputError(
+                    f"parameter {p.name()!r} is declared symmetric but received a non-symmetric "
+                    f"value (max |S - S^T| = {asym:.3g}); symmetrize it, e.g. (S + S.T) / 2"
+                )
+            if p.is_psd():
+                lam = float(torch.linalg.eigvalsh(val.double()).min())
+                if lam < -1e-8 * scale:
+                    raise InputError(
+                        f"parameter {p.name()!r} is declared PSD but received a matrix with "
+                        f"eigenvalue {lam:.3g} < 0"
+                    )
+
+    # -- the call -----------------------------------------------------------------------------
+    def forward(self, *params: torch.Tensor, solver_args: dict | None = None):
+        """Solve the problem for a batch of parameter values.
+
+        Args:
+            *params: one tensor per parameter, each of the parameter's shape (shared by every
+                item) or with one leading batch dimension. Shared parameters get the gradient
+                summed over the batch.
+            solver_args: options for this call, merged over the layer's ``solver_args``:
+                ``solver`` (backend name), ``on_failure`` (``"raise"``, default, or ``"nan"``:
+                failed items return NaN and zero gradient), ``allow_inaccurate`` (accept
+                solutions the backend marked inaccurate, default False), ``kkt`` (``"auto"``,
+                ``"dense"`` or ``"sparse"`` factorization of the derivative), ``tol``,
+                ``max_iters``, ``verbose``, ``n_jobs`` (threads for per-item backends), and any
+                backend-specific setting.
+
+        Returns:
+            A tuple with one tensor per requested variable, of shape ``(batch, *var.shape)``, or
+            ``var.shape`` when no parameter is batched. dtype and device follow the inputs.
+
+        Raises:
+            InputError: malformed inputs. SolverError: some item failed and
+                ``on_failure="raise"``.
+        """
+        args = {**self.solver_args, **(solver_args or {})}
+        layer_args = {k: args.pop(k) for k in LAYER_OPTIONS if k in args}
+        on_failure = layer_args.get("on_failure", "raise")
+        if on_failure not in ("raise", "nan"):
+            raise InputError(f"on_failure must be 'raise' or 'nan', received {on_failure!r}")
+        backend = self._check_solver(layer_args.get("solver", self.solver))
+        tensors, B, batched = self._batch(params)
+        t = self.template
+        ones = tensors[0].new_ones(B, 1)
+        theta = torch.cat([flatten_f(v) for v in tensors] + [ones], dim=1)
+        c = self._apply_map("c", t.n, theta)
+        b = self._apply_map("b", t.m, theta)
+        A_values = self._apply_map("A", t.A_pattern.nnz, theta)
+        P_values = None
+        if t.P_map is not None:
+            P_values = self._apply_map("P", t.P_pattern.nnz, theta)
+        call = _Call(t.P_pattern, t.A_pattern, t.dims, backend, args, on_failure,
+                     bool(layer_args.get("allow_inaccurate", False)), layer_args.get("kkt", "auto"))
+        try:
+            x, y, _ = cone_solve(P_values, c, A_values, b, call)
+        finally:
+            self.info = call.info
+        outs = []
+        for k, rec in enumerate(t.recoveries):
+            src = x if rec.src == "x" else y
+            idx = getattr(self, f"rec{k}_idx").to(src.device)
+            coef = getattr(self, f"rec{k}_coef").to(src.device, src.dtype)
+            val = unflatten_f(src[:, idx] * coef, rec.shape)
+            outs.append(val if batched else val[0])
+        return tuple(outs)

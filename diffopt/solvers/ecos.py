@@ -1,0 +1,64 @@
+"""ECOS backend (interior point for LPs and SOCPs; optional dependency ``ecos``)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from diffopt.cones import ConeDims
+from diffopt.solvers.base import ItemResult, PerItemBackend, Status
+
+_STATUS = {0: Status.OPTIMAL, 1: Status.INFEASIBLE, 2: Status.UNBOUNDED,
+           10: Status.INACCURATE, 11: Status.INFEASIBLE, 12: Status.UNBOUNDED,
+           -1: Status.MAX_ITERATIONS}
+
+
+def _exp_permutation(dims: ConeDims) -> np.ndarray:
+    """ECOS orders each exponential cone as (x, z, y) relative to diffopt's (x, y, z)."""
+    perm = np.arange(dims.size)
+    start = dims.size - 3 * dims.exp
+    for k in range(dims.exp):
+        o = start + 3 * k
+        perm[o + 1], perm[o + 2] = o + 2, o + 1
+    return perm
+
+
+class ECOSBackend(PerItemBackend):
+    """ECOS (Domahidi et al.), an interior-point method for LPs, SOCPs and exponential cones.
+
+    No quadratic objective and no PSD cone. Options: ``tol`` (sets ``abstol``, ``reltol`` and
+    ``feastol``, default 1e-9), ``max_iters``, ``verbose``, ``n_jobs``, and any ECOS keyword.
+    """
+
+    name = "ecos"
+    cones = frozenset({"zero", "nonneg", "soc", "exp"})
+    quadratic_objective = False
+
+    def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:
+        try:
+            import ecos
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("solver='ecos' needs the ecos package: pip install ecos") from err
+        options = dict(options)
+        tol = options.pop("tol", 1e-9)
+        kwargs = {"abstol": tol, "reltol": tol, "feastol": tol,
+                  "max_iters": int(options.pop("max_iters", 200)),
+                  "verbose": bool(options.pop("verbose", False))}
+        kwargs.update(options)
+        perm = _exp_permutation(dims)
+        A = sp.csc_matrix(A)[perm]
+        b = b[perm]
+        z = dims.zero
+        cone = {"l": dims.nonneg, "q": list(dims.soc), "e": dims.exp}
+        start = time.perf_counter()
+        if z:
+            sol = ecos.solve(c, A[z:], b[z:], cone, A[:z], b[:z], **kwargs)
+        else:
+            sol = ecos.solve(c, A[z:], b[z:], cone, **kwargs)
+        elapsed = time.perf_counter() - start
+        status = _STATUS.get(sol["info"]["exitFlag"], Status.NUMERICAL_ERROR)
+        y = np.concatenate([np.asarray(sol["y"]).ravel() if z else np.zeros(0), sol["z"]])[perm]
+        s = np.concatenate([np.zeros(z), sol["s"]])[perm]
+        return ItemResult(np.asarray(sol["x"]), y, s, status, int(sol["info"]["iter"]), elapsed)

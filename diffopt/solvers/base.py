@@ -1,4 +1,4 @@
-"""The solver-backend contract: canonical statuses, the batched cone program, results.
+r"""The solver-backend contract: canonical statuses, the batched cone program, results.
 
 Every backend solves the standard-form cone program (see ``docs/math``)
 
@@ -138,7 +138,7 @@ class Solution:
 
 
 class Differentiator(Protocol):
-    """Linear solves with the Jacobian of the optimality conditions at a solution.
+    r"""Linear solves with the Jacobian of the optimality conditions at a solution.
 
     Every backend's optimality conditions read ``R = [Px + Aᵀy + c ; Ax + s(·) − b] = 0`` in some
     internal variables ``z`` (``(x, v)`` for the conic KKT map, ``(x, y)`` for the barrier

@@ -45,7 +45,10 @@ class SCSBackend(PerItemBackend):
                     "max_iters": int(options.pop("max_iters", 100_000)),
                     "verbose": bool(options.pop("verbose", False))}
         settings.update(options)
-        cone = {"z": dims.zero, "l": dims.nonneg, "q": list(dims.soc), "s": list(dims.psd),
+        m = b.size
+        if m == 0:  # SCS needs at least one row: add the trivial equality 0·x = 0
+            A, b = sp.csc_matrix((1, c.size)), np.zeros(1)
+        cone = {"z": max(dims.zero, 1 - m), "l": dims.nonneg, "q": list(dims.soc), "s": list(dims.psd),
                 "ep": dims.exp}
         data = {"A": sp.csc_matrix(A), "b": b, "c": c}
         if P is not None:
@@ -57,5 +60,5 @@ class SCSBackend(PerItemBackend):
             raise ValueError(f"SCS rejected the options {options}: {err}") from err
         elapsed = time.perf_counter() - start
         info = sol["info"]
-        return ItemResult(np.asarray(sol["x"]), np.asarray(sol["y"]), np.asarray(sol["s"]),
+        return ItemResult(np.asarray(sol["x"]), np.asarray(sol["y"])[:m], np.asarray(sol["s"])[:m],
                           _status(str(info["status"])), int(info["iter"]), elapsed)

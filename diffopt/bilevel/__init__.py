@@ -1,0 +1,34 @@
+"""Bi-level optimization: differentiate through the solution of an inner problem.
+
+:func:`minimize` solves :math:`w^\\star(\\lambda) = \\arg\\min_w f(w, \\lambda)` with a
+(differentiable) optimizer loop and returns :math:`w^\\star` wired to the autograd graph of
+:math:`\\lambda`, with the hypergradient computed by one of three strategies:
+:class:`Implicit` (implicit function theorem, O(1) memory in the number of steps),
+:class:`Unrolled` (backpropagation through every step) and :class:`Truncated` (through the last
+``k`` steps). :func:`maml_adapt` and :func:`imaml_adapt` build meta-learning on top of it.
+"""
+
+from diffopt.bilevel._params import FunctionalModule
+from diffopt.bilevel.linear_solve import LinearSolveInfo
+from diffopt.bilevel.maml import imaml_adapt, maml_adapt
+from diffopt.bilevel.minimize import minimize
+from diffopt.bilevel.strategies import (
+    Diagnostics,
+    Implicit,
+    NotConvergedWarning,
+    Truncated,
+    Unrolled,
+)
+
+__all__ = [
+    "Diagnostics",
+    "FunctionalModule",
+    "Implicit",
+    "LinearSolveInfo",
+    "NotConvergedWarning",
+    "Truncated",
+    "Unrolled",
+    "imaml_adapt",
+    "maml_adapt",
+    "minimize",
+]

@@ -29,6 +29,12 @@ from diffopt.cones import dproj_dual
 from diffopt.errors import DegenerateWarning
 from diffopt.solvers.base import ConeProgram
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """Float64 NumPy copy of a tensor, also from inside torch.func transforms (jvp/vmap)."""
+    with torch._C._DisableFuncTorch():
+        return t.detach().cpu().double().numpy()
+
+
 #: Largest ``n + m`` factored densely (one batched LU); above it a sparse LU per item.
 DENSE_LIMIT = 600
 
@@ -103,9 +109,9 @@ class KKTDifferentiator:
     def _factor_sparse(self, program: ConeProgram) -> None:
         B, n, m = program.batch_size, self.n, self.m
         pa = program.A_pattern
-        Av = program.A_values.detach().cpu().double().numpy()
-        Pv = None if program.P_values is None else program.P_values.detach().cpu().double().numpy()
-        Dd = self.D.dense().detach().cpu().double().numpy()  # block diagonal, small blocks
+        Av = _numpy(program.A_values)
+        Pv = None if program.P_values is None else _numpy(program.P_values)
+        Dd = _numpy(self.D.dense())  # block diagonal, small blocks
         self.factors: list = []
         degenerate = np.zeros(B, dtype=bool)
         for i in range(B):
@@ -127,7 +133,7 @@ class KKTDifferentiator:
         self.degenerate = torch.as_tensor(degenerate, device=self.ok.device)
 
     def _solve_sparse(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        r = rhs.detach().cpu().double().numpy()
+        r = _numpy(rhs)
         out = np.zeros_like(r)
         for i, f in enumerate(self.factors):
             if f is None:

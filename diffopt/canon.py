@@ -95,9 +95,11 @@ def _check_problem(problem, parameters, variables) -> None:
         parts = [problem.objective] + list(problem.constraints)
         bad = next(p for p in parts if not p.is_dcp(dpp=True))
         raise ProblemError(
-            f"the problem is DCP but not DPP: `{_culprit(bad)}` multiplies or nests parameters in "
-            "a way DPP forbids, so it cannot be canonicalized once for all parameter values; "
-            "introduce an auxiliary parameter for the product (https://www.cvxpy.org/tutorial/dpp)"
+            f"the problem is DCP but not DPP: `{_culprit(bad)}` uses parameters in a way DPP "
+            "forbids (parameters may only enter affinely, or multiply parameter-free "
+            "expressions), so it cannot be canonicalized once for all parameter values; "
+            "rewrite it, e.g. replace a product of parameters by one new parameter "
+            "(https://www.cvxpy.org/tutorial/dpp)"
         )
     if not problem.parameters():
         raise ProblemError(

@@ -1,0 +1,338 @@
+"""Tests of the native batched interior-point backend (diffopt.solvers.ipm)."""
+
+from __future__ import annotations
+
+import math
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+from diffopt.cones import ConeDims
+from diffopt.solvers.base import ConeProgram, SparsePattern, Status
+from diffopt.solvers.ipm import NativeIPM
+
+# Tolerances, in one place; loosened per assertion where stated.
+TOL_REF = 1e-6  # against Clarabel at tol 1e-10
+TOL_FD = 1e-5  # derivatives against central differences of tight re-solves
+TOL_SYSTEM = 1e-6  # the derivative solves the returned point's system
+TOL_F32 = 2e-3  # float32 answers against float64 ones (relative)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problem builders
+# ---------------------------------------------------------------------------------------------
+
+
+def program(P, c, A, b, p: int, l: int) -> ConeProgram:
+    """A ConeProgram with dense patterns from batched dense tensors (P may be None)."""
+    B, m, n = A.shape
+    rows, cols = np.nonzero(np.ones((m, n)))
+    if P is None:
+        Pp, Pv = None, None
+    else:
+        pr, pc = np.nonzero(np.ones((n, n)))
+        Pp, Pv = SparsePattern(pr, pc, (n, n)), P.reshape(B, -1)
+    return ConeProgram(Pp, Pv, c, SparsePattern(rows, cols, (m, n)), A.reshape(B, -1), b,
+                       ConeDims(zero=p, nonneg=l))
+
+
+def random_problem(B, n, p, l, lp=False, seed=0, dtype=torch.float64):
+    """Feasible, bounded QP/LP with a unique, strictly complementary solution.
+
+    Built from a chosen primal-dual pair (x0, y0, s0); an LP gets exactly ``n − p`` active
+    inequalities so that its solution is a nondegenerate vertex.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    m = p + l
+    A = rnd(B, m, n)
+    x0 = rnd(B, n)
+    n_active = n - p if lp else l // 2
+    active = torch.zeros(B, l, dtype=torch.bool)
+    for i in range(B):
+        active[i, torch.randperm(l, generator=g)[:n_active]] = True
+    s0 = torch.zeros(B, m, dtype=torch.float64)
+    s0[:, p:] = torch.where(active, 0.0, 0.5 + torch.rand(B, l, generator=g, dtype=torch.float64))
+    y0 = torch.zeros(B, m, dtype=torch.float64)
+    y0[:, :p] = rnd(B, p)
+    y0[:, p:] = torch.where(active, 0.5 + torch.rand(B, l, generator=g, dtype=torch.float64), 0.0)
+    b = torch.einsum("bmn,bn->bm", A, x0) + s0
+    c = -torch.einsum("bmn,bm->bn", A, y0)
+    P = None
+    if not lp:
+        M = rnd(B, n, n)
+        P = M @ M.transpose(1, 2) / n + 0.1 * torch.eye(n, dtype=torch.float64)
+        c = c - torch.einsum("bij,bj->bi", P, x0)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(P), cast(c), cast(A), cast(b)
+
+
+def clarabel_reference(P, c, A, b, p, l):
+    """(x, y, s) per item from Clarabel through CVXPY at tolerance 1e-10."""
+    out = []
+    for i in range(A.shape[0]):
+        x, s = cp.Variable(A.shape[2]), cp.Variable(A.shape[1])
+        obj = c[i].numpy() @ x
+        if P is not None:
+            obj = obj + 0.5 * cp.quad_form(x, cp.psd_wrap(P[i].numpy()))
+        eq = A[i].numpy() @ x + s == b[i].numpy()
+        cons = [eq, s[:p] == 0, s[p:] >= 0]
+        cp.Problem(cp.Minimize(obj), cons).solve(
+            solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10
+        )
+        out.append((x.value, eq.dual_value, s.value))
+    return [torch.tensor(np.stack(v)) for v in zip(*out)]
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward solves
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lp", [False, True], ids=["qp", "lp"])
+def test_matches_clarabel(lp):
+    n, p, l = (15, 3, 25) if lp else (20, 3, 25)
+    data = random_problem(16, n, p, l, lp=lp, seed=1)
+    sol = NativeIPM().solve(program(*data, p, l), {})
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    x, y, s = clarabel_reference(*data, p, l)
+    assert rel_err(sol.x, x) <= TOL_REF
+    assert rel_err(sol.y, y) <= TOL_REF
+    assert rel_err(sol.s, s) <= TOL_REF
+    assert max(sol.primal_residual) <= 1e-7 and max(sol.dual_residual) <= 1e-7
+    assert len(sol.iterations) == 16 and len(sol.gap) == 16
+
+
+def test_equality_constrained_qp_closed_form():
+    # min ½xᵀPx + cᵀx s.t. Ax = b: the KKT system [[P, Aᵀ], [A, 0]] [x; y] = [−c; b].
+    P, c, A, b = random_problem(4, 8, 3, 0, seed=2)
+    sol = NativeIPM().solve(program(P, c, A, b, 3, 0), {})
+    K = torch.cat([torch.cat([P, A.transpose(1, 2)], 2), torch.cat([A, torch.zeros(4, 3, 3,
+                  dtype=A.dtype)], 2)], 1)
+    ref = torch.linalg.solve(K, torch.cat([-c, b], 1))
+    assert rel_err(sol.x, ref[:, :8]) <= 1e-8
+    assert rel_err(sol.y, ref[:, 8:]) <= 1e-8
+
+
+def _lp2(c, A, b):
+    """Batch of 2-variable LPs with 4 inequality rows, from Python lists."""
+    t = (lambda v: torch.tensor(v, dtype=torch.float64))
+    return program(None, t(c), t(A), t(b), 0, 4)
+
+
+def test_infeasible_and_unbounded_in_a_mixed_batch():
+    box = [[-1, 0], [0, -1], [1, 0], [0, 1]]  # 0 ≤ x ≤ 1
+    prog = _lp2(
+        c=[[1.0, -1.0], [1.0, 1.0], [-1.0, 0.0], [2.0, 1.0]],
+        A=[box, [[-1, 0], [0, -1], [1, 0], [0, 1]], [[-1, 0], [0, -1], [0, 1], [0, 1]], box],
+        b=[[0, 0, 1, 1], [-2, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]],  # item 1: x₁ ≥ 2, x₁ ≤ 1
+    )
+    sol = NativeIPM().solve(prog, {})
+    assert sol.status == [Status.OPTIMAL, Status.INFEASIBLE, Status.UNBOUNDED, Status.OPTIMAL]
+    assert torch.allclose(sol.x[0], torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(sol.x[3], torch.tensor([0.0, 0.0], dtype=torch.float64), atol=1e-8)
+    assert torch.isnan(sol.x[1]).all() and torch.isnan(sol.y[2]).all()
+
+
+def test_infeasible_equalities_are_certified():
+    # x₁ + x₂ = 1, x₁ + 2x₂ = −2 and x ≥ 0 (2 equality rows, 2 inequality rows).
+    A = torch.tensor([[[1.0, 1.0], [1.0, 2.0], [-1.0, 0.0], [0.0, -1.0]]], dtype=torch.float64)
+    b = torch.tensor([[1.0, -2.0, 0.0, 0.0]], dtype=torch.float64)
+    sol = NativeIPM().solve(program(None, torch.ones(1, 2, dtype=torch.float64), A, b, 2, 2), {})
+    assert sol.status == [Status.INFEASIBLE]
+
+
+def test_iteration_limit():
+    data = random_problem(4, 10, 2, 10, seed=3)
+    sol = NativeIPM().solve(program(*data, 2, 10), {"max_iters": 2})
+    assert sol.status == [Status.MAX_ITERATIONS] * 4
+    assert sol.iterations == [2] * 4
+
+
+def test_float32():
+    data = random_problem(8, 12, 2, 16, seed=4)
+    ref = NativeIPM().solve(program(*data, 2, 16), {})
+    data32 = [t.float() for t in data]
+    sol = NativeIPM().solve(program(*data32, 2, 16), {})
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    assert sol.x.dtype == torch.float32
+    assert rel_err(sol.x.double(), ref.x) <= TOL_F32
+    assert rel_err(sol.y.double(), ref.y) <= TOL_F32
+
+
+def test_warm_start_reduces_iterations():
+    P, c, A, b = random_problem(8, 20, 3, 25, seed=5)
+    cold = NativeIPM().solve(program(P, c, A, b, 3, 25), {})
+    b2 = b + 1e-3 * torch.randn(b.shape, generator=torch.Generator().manual_seed(0),
+                                dtype=b.dtype)
+    b2[:, :3] = b[:, :3]
+    ref = NativeIPM().solve(program(P, c, A, b2, 3, 25), {})
+    warm = NativeIPM().solve(program(P, c, A, b2, 3, 25), {"warm_start": cold})
+    assert all(st is Status.OPTIMAL for st in warm.status)
+    assert sum(warm.iterations) < sum(ref.iterations)
+    assert rel_err(warm.x, ref.x) <= 1e-7
+    triple = NativeIPM().solve(program(P, c, A, b2, 3, 25),
+                               {"warm_start": (cold.x, cold.y, cold.s)})
+    assert triple.iterations == warm.iterations
+
+
+def _box_barrier(c: torch.Tensor, mu: float) -> torch.Tensor:
+    """Minimizer of cᵀx − μΣ(log xᵢ + log(1 − xᵢ)): the root in (0, 1) of
+    c·x(1 − x) = μ(1 − 2x), written as x = 2μ / (c + 2μ + √(c² + 4μ²))."""
+    return 2 * mu / (c + 2 * mu + torch.sqrt(c * c + 4 * mu * mu))
+
+
+def test_barrier_parameter_gives_central_path_point():
+    # min cᵀx over the box 0 ≤ x ≤ 1: rows −x + s = 0 and x + s = 1.
+    n, mu = 5, 0.05
+    c = torch.tensor([[-2.0, -0.3, 0.0, 0.1, 1.5], [1.0, 2.0, -1.0, 0.5, 0.0]],
+                     dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
+    A = torch.cat([-eye, eye]).expand(2, -1, -1)
+    b = torch.cat([torch.zeros(n), torch.ones(n)]).to(torch.float64).expand(2, -1)
+    sol = NativeIPM().solve(program(None, c, A, b, 0, 2 * n), {"mu": mu})
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    assert rel_err(sol.x, _box_barrier(c, mu)) <= 1e-8
+    assert rel_err(sol.s * sol.y, torch.full_like(sol.s, mu)) <= 1e-8
+    # Its derivative in c: dx/dc from the closed form, through the tangent map (dR₁ = dc).
+    dc = torch.randn(2, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dx, _, _ = sol.differentiator.tangent(dc, torch.zeros(2, 2 * n, dtype=torch.float64))
+    h = 1e-6
+    fd = (_box_barrier(c + h * dc, mu) - _box_barrier(c - h * dc, mu)) / (2 * h)
+    assert rel_err(dx, fd) <= 1e-7
+
+
+# ---------------------------------------------------------------------------------------------
+# The differentiator
+# ---------------------------------------------------------------------------------------------
+
+
+def _perturbation(P, c, A, b, seed):
+    g = torch.Generator().manual_seed(seed)
+    dP = torch.randn(P.shape, generator=g, dtype=P.dtype)
+    dP = dP + dP.transpose(1, 2)
+    return (dP, torch.randn(c.shape, generator=g, dtype=c.dtype),
+            torch.randn(A.shape, generator=g, dtype=A.dtype),
+            torch.randn(b.shape, generator=g, dtype=b.dtype))
+
+
+TIGHT = {"tol": 1e-12}
+
+
+@pytest.fixture(scope="module")
+def qp_solution():
+    p, l = 2, 14
+    data = random_problem(6, 10, p, l, seed=7)
+    return data, NativeIPM().solve(program(*data, p, l), TIGHT), (p, l)
+
+
+def test_adjoint_matches_finite_differences(qp_solution):
+    (P, c, A, b), sol, (p, l) = qp_solution
+    g = torch.Generator().manual_seed(3)
+    gx, gy, gs = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (sol.x, sol.y, sol.s))
+    l1, l2 = sol.differentiator.adjoint(gx, gy, gs)
+    x, y = sol.x, sol.y
+    grad_c, grad_b = l1, -l2
+    grad_A = y.unsqueeze(2) * l1.unsqueeze(1) + l2.unsqueeze(2) * x.unsqueeze(1)
+    grad_P = 0.5 * (l1.unsqueeze(2) * x.unsqueeze(1) + x.unsqueeze(2) * l1.unsqueeze(1))
+    dP, dc, dA, db = _perturbation(P, c, A, b, seed=4)
+    predicted = ((grad_P * dP).sum((1, 2)) + (grad_c * dc).sum(1) + (grad_A * dA).sum((1, 2))
+                 + (grad_b * db).sum(1))
+    h = 1e-6
+
+    def loss(t):
+        s = NativeIPM().solve(program(P + t * dP, c + t * dc, A + t * dA, b + t * db, p, l),
+                              TIGHT)
+        return (gx * s.x).sum(1) + (gy * s.y).sum(1) + (gs * s.s).sum(1)
+
+    fd = (loss(h) - loss(-h)) / (2 * h)
+    assert rel_err(predicted, fd) <= TOL_FD
+
+
+def test_tangent_matches_finite_differences(qp_solution):
+    (P, c, A, b), sol, (p, l) = qp_solution
+    dP, dc, dA, db = _perturbation(P, c, A, b, seed=5)
+    x, y = sol.x, sol.y
+    dr1 = torch.einsum("bij,bj->bi", dP, x) + torch.einsum("bmn,bm->bn", dA, y) + dc
+    dr2 = torch.einsum("bmn,bn->bm", dA, x) - db
+    dx, dy, ds = sol.differentiator.tangent(dr1, dr2)
+    h = 1e-6
+    plus = NativeIPM().solve(program(P + h * dP, c + h * dc, A + h * dA, b + h * db, p, l), TIGHT)
+    minus = NativeIPM().solve(program(P - h * dP, c - h * dc, A - h * dA, b - h * db, p, l),
+                              TIGHT)
+    for got, hi, lo in ((dx, plus.x, minus.x), (dy, plus.y, minus.y), (ds, plus.s, minus.s)):
+        assert rel_err(got, (hi - lo) / (2 * h)) <= TOL_FD
+
+
+def test_adjoint_and_tangent_are_dual(qp_solution):
+    # ⟨g, tangent(dR)⟩ = ⟨adjoint(g), dR⟩ for the triple (x, y, s).
+    (_, _, _, _), sol, _ = qp_solution
+    g = torch.Generator().manual_seed(6)
+    gx, gy, gs = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (sol.x, sol.y, sol.s))
+    dr1, dr2 = torch.randn(sol.x.shape, generator=g, dtype=sol.x.dtype), torch.randn(
+        sol.y.shape, generator=g, dtype=sol.y.dtype)
+    dx, dy, ds = sol.differentiator.tangent(dr1, dr2)
+    l1, l2 = sol.differentiator.adjoint(gx, gy, gs)
+    lhs = (gx * dx).sum(1) + (gy * dy).sum(1) + (gs * ds).sum(1)
+    rhs = (l1 * dr1).sum(1) + (l2 * dr2).sum(1)
+    assert rel_err(lhs, rhs) <= 1e-10
+
+
+@pytest.mark.parametrize("mu", [0.0, 1e-2])
+def test_derivative_solves_the_returned_points_system(mu):
+    # J = [[P, Aᵀ], [A, −diag(s/y)]] (zero on equality rows) at the returned (x, y, s).
+    p, l = 3, 20
+    P, c, A, b = random_problem(8, 15, p, l, seed=8)
+    sol = NativeIPM().solve(program(P, c, A, b, p, l), {"mu": mu})
+    D = torch.cat([torch.zeros(8, p, dtype=A.dtype), sol.s[:, p:] / sol.y[:, p:]], 1)
+    J = torch.cat([torch.cat([P, A.transpose(1, 2)], 2),
+                   torch.cat([A, torch.diag_embed(-D)], 2)], 1)
+    g = torch.Generator().manual_seed(9)
+    gx, gy = torch.randn(8, 15, generator=g, dtype=A.dtype), torch.randn(8, p + l, generator=g,
+                                                                          dtype=A.dtype)
+    l1, l2 = sol.differentiator.adjoint(gx, gy, torch.zeros_like(gy))
+    ref = torch.linalg.solve(J, -torch.cat([gx, gy], 1))
+    assert rel_err(torch.cat([l1, l2], 1), ref) <= TOL_SYSTEM
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and devices
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_option_is_refused():
+    data = random_problem(1, 3, 0, 4, seed=0)
+    with pytest.raises(ValueError, match="unknown option"):
+        NativeIPM().solve(program(*data, 0, 4), {"tolerance": 1e-3})
+    with pytest.raises(ValueError, match="'mu'"):
+        NativeIPM().solve(program(*data, 0, 4), {"mu": -1.0})
+    with pytest.raises(ValueError, match="warm_start"):
+        NativeIPM().solve(program(*data, 0, 4), {"warm_start": 3})
+
+
+def test_unsupported_cone_is_refused():
+    P, c, A, b = random_problem(1, 3, 0, 4, seed=0)
+    prog = program(P, c, A, b, 0, 4)
+    prog.dims = ConeDims(zero=0, nonneg=1, soc=(3,))
+    with pytest.raises(ValueError, match="does not support the cone"):
+        NativeIPM().solve(prog, {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    data = random_problem(16, 20, 3, 25, seed=10)
+    cpu = NativeIPM().solve(program(*data, 3, 25), {})
+    gpu = NativeIPM().solve(program(*[t.cuda() for t in data], 3, 25), {})
+    assert gpu.x.is_cuda and gpu.status == cpu.status
+    assert rel_err(gpu.x.cpu(), cpu.x) <= 1e-8
+    l1, _ = gpu.differentiator.adjoint(gpu.x, gpu.y, gpu.s)
+    assert l1.is_cuda and math.isfinite(float(l1.abs().max()))

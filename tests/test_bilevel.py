@@ -38,7 +38,8 @@ class Ridge:
     def __init__(self, n: int = 40, m: int = 30, p: int = 5, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         self.X = torch.randn(n, p, generator=g, dtype=DT)
-        self.y = self.X @ torch.randn(p, generator=g, dtype=DT) + torch.randn(n, generator=g, dtype=DT)
+        w_true = torch.randn(p, generator=g, dtype=DT)
+        self.y = self.X @ w_true + torch.randn(n, generator=g, dtype=DT)
         self.Xv = torch.randn(m, p, generator=g, dtype=DT)
         self.yv = torch.randn(m, generator=g, dtype=DT)
         self.lam0 = 0.1 + torch.rand(p, generator=g, dtype=DT)
@@ -172,7 +173,12 @@ def test_truncated_with_k_equal_steps_is_unrolled(ridge: Ridge) -> None:
 
 @pytest.mark.parametrize(
     ("optimizer", "options"),
-    [("gd", {}), ("sgd", {"momentum": 0.9}), ("sgd", {"momentum": 0.9, "nesterov": True}), ("adam", {})],
+    [
+        ("gd", {}),
+        ("sgd", {"momentum": 0.9}),
+        ("sgd", {"momentum": 0.9, "nesterov": True}),
+        ("adam", {}),
+    ],
 )
 def test_unrolled_optimizers_pass_gradcheck(ridge: Ridge, optimizer: str, options: dict) -> None:
     """Each differentiable optimizer's unrolled hypergradient matches finite differences."""
@@ -391,7 +397,8 @@ def _call(ridge: Ridge, **overrides: object) -> object:
         ({"optimizer": "lbfgs"}, ValueError, r"optimizer must be one of \['adam', 'gd', 'sgd'\]"),
         ({"optimizer": 3}, TypeError, r"optimizer must be 'gd', 'sgd', 'adam'.*received 3"),
         ({"optimizer_options": {"momentum": 0.9}}, TypeError, r"'gd' does not accept.*momentum"),
-        ({"backward": bl.Implicit}, TypeError, r"strategy instance.*Call it: backward=Implicit\(\)"),
+        ({"backward": bl.Implicit}, TypeError,
+         r"strategy instance.*Call it: backward=Implicit\(\)"),
         ({"backward": "implicit"}, TypeError, r"backward must be Implicit.*received str"),
         ({"backward": bl.Truncated(10)}, ValueError, r"Truncated\(k=10\).*steps=5.*Unrolled"),
         ({"optimizer": torch.optim.Adam, "backward": bl.Unrolled()}, ValueError,
@@ -413,14 +420,16 @@ def test_error_when_fn_ignores_part_of_w(ridge: Ridge) -> None:
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
-        (lambda: bl.Implicit(solver="lu"), ValueError, r"one of \['cg', 'neumann', 'direct'\]; received 'lu'"),
+        (lambda: bl.Implicit(solver="lu"), ValueError,
+         r"one of \['cg', 'neumann', 'direct'\]; received 'lu'"),
         (lambda: bl.Implicit(maxiter=0), ValueError, r"maxiter=...\) must be at least 1"),
         (lambda: bl.Implicit(solver="neumann", alpha=-1.0), ValueError, r"alpha.*positive.*None"),
         (lambda: bl.Truncated(0), ValueError, r"positive integer number of steps; received 0"),
         (lambda: bl.imaml_adapt(lambda p: p.sum(), torch.zeros(2), reg=0.0, lr=0.1, steps=1),
          ValueError, r"reg .* must be positive; received 0.0"),
         (lambda: bl.imaml_adapt(lambda p: p.sum(), torch.zeros(2), reg=1.0, lr=0.1, steps=1,
-                                backward=bl.Unrolled()), TypeError, r"needs backward=Implicit.*maml_adapt"),
+                                backward=bl.Unrolled()),
+         TypeError, r"needs backward=Implicit.*maml_adapt"),
     ],
 )
 def test_strategy_and_meta_errors(make: Callable[[], object], error: type, match: str) -> None:

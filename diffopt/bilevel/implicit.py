@@ -107,7 +107,9 @@ class ImplicitSolution(torch.autograd.Function):
 
         with torch.enable_grad():
             w = tuple(t.detach().requires_grad_() for t in saved[: spec.n_w])
-            lam = tuple(t.detach().requires_grad_(need) for t, need in zip(saved[spec.n_w :], needs))
+            lam = tuple(
+                t.detach().requires_grad_(need) for t, need in zip(saved[spec.n_w :], needs)
+            )
             loss = spec.fn(spec.w_structure.build(w), spec.h_structure.build(lam))
             # F = grad_w f, kept with its graph: every product below is one more backward of it.
             F = torch.autograd.grad(loss, w, create_graph=True)

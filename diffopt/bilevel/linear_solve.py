@@ -37,7 +37,9 @@ def _relative(r: torch.Tensor, v_norm: torch.Tensor) -> float:
     return float(r.norm() / v_norm) if v_norm > 0 else 0.0
 
 
-def cg(matvec: Matvec, v: torch.Tensor, *, maxiter: int, tol: float) -> tuple[torch.Tensor, LinearSolveInfo]:
+def cg(
+    matvec: Matvec, v: torch.Tensor, *, maxiter: int, tol: float
+) -> tuple[torch.Tensor, LinearSolveInfo]:
     """Conjugate gradients for a symmetric positive-definite ``H``, started at zero.
 
     Examples:
@@ -129,7 +131,8 @@ def direct(matvec: Matvec, v: torch.Tensor, *, tol: float) -> tuple[torch.Tensor
     Examples:
         >>> import torch
         >>> H = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-        >>> u, info = direct(lambda p: H @ p, torch.tensor([5.0, 4.0], dtype=torch.float64), tol=1e-10)
+        >>> v = torch.tensor([5.0, 4.0], dtype=torch.float64)
+        >>> u, info = direct(lambda p: H @ p, v, tol=1e-10)
         >>> [round(x, 12) for x in u.tolist()], info.iterations
         ([1.0, 1.0], 2)
     """

@@ -45,7 +45,8 @@ def maml_adapt(
 
     Backpropagating a query loss of the result to ``params`` gives the MAML meta-gradient
     :math:`\\prod_t (I - \\alpha \\nabla^2 \\mathcal L(\\phi_t))\\, \\nabla \\mathcal L_q(\\phi_T)`,
-    or with ``first_order=True`` the first-order approximation :math:`\\nabla \\mathcal L_q(\\phi_T)`.
+    or with ``first_order=True`` the first-order approximation
+    :math:`\\nabla \\mathcal L_q(\\phi_T)`.
 
     Args:
         loss: the task's support loss, ``loss(params) -> scalar``; ``params`` arrives in the
@@ -106,7 +107,8 @@ def imaml_adapt(
         + \\frac{\\rho}{2}\\|\\phi - \\theta\\|^2 ,
 
     started at :math:`\\theta`. The meta-gradient of a query loss is
-    :math:`(I + \\nabla^2 \\mathcal L(\\phi^\\star)/\\rho)^{-1} \\nabla \\mathcal L_q(\\phi^\\star)`,
+    :math:`(I + \\nabla^2 \\mathcal L(\\phi^\\star)/\\rho)^{-1}
+    \\nabla \\mathcal L_q(\\phi^\\star)`,
     one conjugate-gradient solve; nothing of the inner loop is stored.
 
     Args:
@@ -131,7 +133,8 @@ def imaml_adapt(
         TypeError: when ``backward`` is not an :class:`Implicit` instance.
 
     Examples:
-        For :math:`\\mathcal L(\\phi) = \\tfrac12\\|\\phi\\|^2`, :math:`\\phi^\\star = \\rho\\theta/(1+\\rho)`:
+        For :math:`\\mathcal L(\\phi) = \\tfrac12\\|\\phi\\|^2`,
+        :math:`\\phi^\\star = \\rho\\theta/(1+\\rho)`:
 
         >>> import torch
         >>> theta = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)

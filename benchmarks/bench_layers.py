@@ -117,8 +117,8 @@ def fmt_ms(s: float) -> str:
 def print_family(r: dict) -> None:
     print(f"\n== {r['name']}: {r['description']}, batch {r['batch']}")
     if "ref_check_err" in r:
-        print(f"   ref-check (diffopt tol={r['ref_tol']:g} VJP vs central FD of tight Clarabel solves, "
-              f"2 items): rel err {r['ref_check_err']:.2e}  ({r['ref_check_s']:.1f} s)")
+        print(f"   ref-check (diffopt tol={r['ref_tol']:g} VJP vs central FD of tight Clarabel "
+              f"solves, 2 items): rel err {r['ref_check_err']:.2e}  ({r['ref_check_s']:.1f} s)")
     print(f"   {'':12s} {'fwd ms':>9s} {'bwd ms':>9s} {'total ms':>9s} {'grad err':>9s}")
     for lib in ("diffopt", "cvxpylayers"):
         if lib in r:

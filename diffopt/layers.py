@@ -10,11 +10,7 @@ from torch import nn
 
 from diffopt.canon import AffineMap, ConeTemplate, flatten_f, unflatten_f
 from diffopt.errors import InputError, ProblemError
-from diffopt.solve import SolveInfo, _Call, cone_solve
-from diffopt.solvers import get_backend
-
-#: solver_args keys consumed by diffopt itself (everything else goes to the backend).
-LAYER_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
+from diffopt.solve import SolveInfo, cone_solve, make_call, select_backend
 
 
 class CvxpyLayer(nn.Module):
@@ -73,7 +69,7 @@ class CvxpyLayer(nn.Module):
         self.parameters_ = list(parameters)
         self.solver = solver
         self.solver_args = dict(solver_args or {})
-        self._check_solver(solver)
+        select_backend(solver, self.template.dims, self.template.P_map is not None)
         self.info: SolveInfo | None = None
         t = self.template
         self._register_map("c", t.c_map)
@@ -96,13 +92,6 @@ class CvxpyLayer(nn.Module):
         vals = getattr(self, f"{name}_vals").to(theta.device, theta.dtype)
         out = theta.new_zeros(theta.shape[0], size)
         return out.index_add(1, rows, theta[:, cols] * vals)
-
-    def _check_solver(self, solver: str):
-        backend = get_backend(solver)
-        why = backend.supports(self.template.dims, self.template.P_map is not None)
-        if why is not None:
-            raise ProblemError(f"{why}; choose another solver (e.g. solver='clarabel')")
-        return backend
 
     # -- input validation -----------------------------------------------------------------------
     def _batch(self, params: Sequence) -> tuple[list[torch.Tensor], int, bool]:
@@ -218,14 +207,10 @@ class CvxpyLayer(nn.Module):
             InputError: malformed inputs. SolverError: some item failed and
                 ``on_failure="raise"``.
         """
-        args = {**self.solver_args, **(solver_args or {})}
-        layer_args = {k: args.pop(k) for k in LAYER_OPTIONS if k in args}
-        on_failure = layer_args.get("on_failure", "raise")
-        if on_failure not in ("raise", "nan"):
-            raise InputError(f"on_failure must be 'raise' or 'nan', received {on_failure!r}")
-        backend = self._check_solver(layer_args.get("solver", self.solver))
-        tensors, B, batched = self._batch(params)
         t = self.template
+        call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
+                         t.P_pattern, t.A_pattern, t.dims)
+        tensors, B, batched = self._batch(params)
         ones = tensors[0].new_ones(B, 1)
         theta = torch.cat([flatten_f(v) for v in tensors] + [ones], dim=1)
         c = self._apply_map("c", t.n, theta)
@@ -234,8 +219,6 @@ class CvxpyLayer(nn.Module):
         P_values = None
         if t.P_map is not None:
             P_values = self._apply_map("P", t.P_pattern.nnz, theta)
-        call = _Call(t.P_pattern, t.A_pattern, t.dims, backend, args, on_failure,
-                     bool(layer_args.get("allow_inaccurate", False)), layer_args.get("kkt", "auto"))
         try:
             x, y, _ = cone_solve(P_values, c, A_values, b, call)
         finally:

@@ -21,8 +21,12 @@ from torch.autograd.function import once_differentiable
 
 from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
-from diffopt.errors import SolverError
+from diffopt.errors import InputError, ProblemError, SolverError
+from diffopt.solvers import get_backend
 from diffopt.solvers.base import Backend, ConeProgram, SparsePattern, Status
+
+#: solver_args keys consumed by diffopt itself (everything else goes to the backend).
+CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
 
 
 def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False):
@@ -194,6 +198,28 @@ class _ConeSolve(torch.autograd.Function):
         mask = call.ok[:, None]
         out_dt = ctx.dtypes[1]
         return tuple(torch.where(mask, d, torch.zeros_like(d)).to(out_dt) for d in (dx, dy, ds))
+
+
+def select_backend(name: str, dims: ConeDims, quadratic: bool) -> Backend:
+    """The backend called ``name`` (or chosen by ``"auto"``), checked against the program."""
+    backend = get_backend(name, dims, quadratic)
+    why = backend.supports(dims, quadratic)
+    if why is not None:
+        raise ProblemError(f"{why}; choose another solver (e.g. solver='clarabel')")
+    return backend
+
+
+def make_call(solver_args: dict, solver: str, P_pattern: SparsePattern | None,
+              A_pattern: SparsePattern, dims: ConeDims) -> _Call:
+    """Split ``solver_args`` into diffopt's own options and the backend's, and pick the backend."""
+    args = dict(solver_args)
+    own = {k: args.pop(k) for k in CALL_OPTIONS if k in args}
+    on_failure = own.get("on_failure", "raise")
+    if on_failure not in ("raise", "nan"):
+        raise InputError(f"on_failure must be 'raise' or 'nan', received {on_failure!r}")
+    backend = select_backend(own.get("solver", solver), dims, P_pattern is not None)
+    return _Call(P_pattern, A_pattern, dims, backend, args, on_failure,
+                 bool(own.get("allow_inaccurate", False)), own.get("kkt", "auto"))
 
 
 def cone_solve(P_values, c, A_values, b, call: _Call):

@@ -10,7 +10,7 @@ from diffopt import CvxpyLayer
 from diffopt.solvers import get_backend
 from problems import CASES, SOLVER_ARGS, TOL, rel_err
 
-BACKENDS = ["clarabel", "scs", "ecos"]
+BACKENDS = ["native", "clarabel", "scs", "ecos"]
 
 
 def _params():

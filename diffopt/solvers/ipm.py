@@ -123,6 +123,11 @@ def _inf_norm(v: Tensor) -> Tensor:
     return v.abs().amax(dim=1) if v.shape[1] else v.new_zeros(v.shape[0])
 
 
+def _inf_norms(v: Tensor) -> Tensor:
+    """``‖·‖∞`` along the last axis of a ``(B, k, r)`` stack of vectors."""
+    return v.abs().amax(dim=2) if v.shape[2] else v.new_zeros(v.shape[:2])
+
+
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     """Largest ``α`` with ``v + α dv ≥ 0`` per item (``inf`` when nothing decreases)."""
     ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, math.inf))
@@ -167,7 +172,8 @@ class _KKT:
     def _solve_reg(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
         # Eliminate y = (A x − r2)/(D + δ) from the regularized system, then H x = r1 + Aᵀ(r2 w).
         rhs = torch.baddbmm(r1, self.At, r2 * self.w.unsqueeze(-1))
-        x = torch.cholesky_solve(rhs, self.L)
+        x = torch.linalg.solve_triangular(self.L, rhs, upper=False)
+        x = torch.linalg.solve_triangular(self.L.mT, x, upper=True)
         y = torch.baddbmm(r2, self.A, x, beta=-1.0) * self.w.unsqueeze(-1)
         return x, y
 
@@ -368,42 +374,39 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     for k in range(max_iters + 1):
         Px, Atz, Ax = Pmv(x), _mv(kkt.At, z), _mv(A, x)
         xPx, cx, bz = _bdot(x, Px), _bdot(c, x), _bdot(b, z)
-        rx = Px + Atz + c * tau.unsqueeze(1)
-        rz = Ax + s - b * tau.unsqueeze(1)
+        rx = torch.addcmul(Px + Atz, c, tau.unsqueeze(1))
+        rz = torch.addcmul(Ax + s, b, tau.unsqueeze(1), value=-1.0)
         rtau = kappa + cx + bz + xPx / tau
         sz = _bdot(s, z * ineq)
         mu = (sz + tau * kappa) / (l + 1)
 
-        # Convergence tests on the normalized point (x, z, s)/τ.
-        running = code == _RUNNING
-        pres = _inf_norm(rz) / tau
-        dres = _inf_norm(rx) / tau
-        pscale = 1.0 + torch.maximum(norm_b, torch.maximum(_inf_norm(Ax), _inf_norm(s)) / tau)
-        dscale = 1.0 + torch.maximum(norm_c, torch.maximum(_inf_norm(Px), _inf_norm(Atz)) / tau)
-        feasible = (pres <= tol * pscale) & (dres <= tol * dscale)
-        pobj = (0.5 * xPx / tau + cx) / tau
-        dobj = (-0.5 * xPx / tau - bz) / tau
+        # Convergence tests on the normalized point (x, z, s)/τ, and certificate tests.
+        n_rz, n_Ax, n_s, n_Axs = _inf_norms(torch.stack((rz, Ax, s, Ax + s), 1)).unbind(1)
+        n_rx, n_Px, n_Atz = _inf_norms(torch.stack((rx, Px, Atz), 1)).unbind(1)
+        pscale = torch.maximum(norm_b * tau, torch.maximum(n_Ax, n_s)) + tau
+        dscale = torch.maximum(norm_c * tau, torch.maximum(n_Px, n_Atz)) + tau
+        feasible = (n_rz <= tol * pscale) & (n_rx <= tol * dscale)
         if mu_t > 0:
             # Hand over to the barrier Newton phase near the μ-central path.
-            near = sz / (l * tau * tau) <= 10.0 * mu_t
-            done = running & near & (pres <= 1e-2 * pscale) & (dres <= 1e-2 * dscale)
-            code = torch.where(done, _CENTERING, code)
+            near = sz <= (10.0 * mu_t * l) * tau * tau
+            done = near & (n_rz <= 1e-2 * pscale) & (n_rx <= 1e-2 * dscale)
+            new_code = torch.where(done, _CENTERING, _RUNNING)
         else:
-            gap = (pobj - dobj).abs()
-            small_gap = gap <= tol * torch.clamp(torch.minimum(pobj.abs(), dobj.abs()), min=1.0)
-            code = torch.where(running & feasible & small_gap, _OPTIMAL, code)
-        running = code == _RUNNING
-        infeasible = (bz < 0) & (_inf_norm(Atz) <= tol_inf * -bz)
-        unbounded = (cx < 0) & (_inf_norm(Px) <= tol_inf * -cx)
-        unbounded &= _inf_norm(Ax + s) <= tol_inf * -cx
-        code = torch.where(running & infeasible, _INFEASIBLE, code)
-        code = torch.where((code == _RUNNING) & unbounded, _UNBOUNDED, code)
-        finite = torch.isfinite(rx).all(1) & torch.isfinite(rz).all(1) & torch.isfinite(rtau)
-        code = torch.where((code == _RUNNING) & ~finite, _NUMERICAL, code)
+            pobj = (0.5 * xPx / tau + cx) / tau
+            dobj = (-0.5 * xPx / tau - bz) / tau
+            scale = torch.clamp(torch.minimum(pobj.abs(), dobj.abs()), min=1.0)
+            new_code = torch.where(feasible & ((pobj - dobj).abs() <= tol * scale),
+                                   _OPTIMAL, _RUNNING)
+        unbounded = (cx < 0) & (n_Px <= tol_inf * -cx) & (n_Axs <= tol_inf * -cx)
+        new_code = torch.where((new_code == _RUNNING) & unbounded, _UNBOUNDED, new_code)
+        infeasible = (bz < 0) & (n_Atz <= tol_inf * -bz)
+        new_code = torch.where((new_code == _RUNNING) & infeasible, _INFEASIBLE, new_code)
+        new_code = torch.where(torch.isfinite(mu + n_rz + n_rx + rtau), new_code, _NUMERICAL)
 
-        D = scaling(s, z)
-        failed = kkt.factor(D)
-        code = torch.where((code == _RUNNING) & failed, _NUMERICAL, code)
+        zinv = ineq / torch.where(is_eq, 1.0, z)  # 1/z on inequality rows, 0 on equality rows
+        D = s * zinv
+        new_code = torch.where(kkt.factor(D), _NUMERICAL, new_code)
+        code = torch.where(code == _RUNNING, new_code.to(code.dtype), code)
         active = code == _RUNNING
         if k == max_iters or not bool(active.any()):
             break
@@ -411,51 +414,49 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
 
         # Predictor: the affine direction and the shared solve K [x1; z1] = [−c; b].
         xi = x / tau.unsqueeze(1)
-        g = 2.0 * Px / tau.unsqueeze(1) + c  # gradient of cᵀx + xᵀPx/τ in x, at ξ = x/τ
+        g = torch.addcmul(c, Px, 2.0 / tau.unsqueeze(1))  # ∇ₓ(cᵀx + xᵀPx/τ) at ξ = x/τ
         r1 = torch.stack((-c, -rx), dim=2)
         r2 = torch.stack((b, s - rz), dim=2)  # d_s/z = s on inequality rows, 0 on equalities
         u1, u2 = kkt.solve(r1, r2, refine)
         x1, z1 = u1[..., 0], u2[..., 0]
         x2, z2 = u1[..., 1], u2[..., 1]
-        e = x1 - xi
         den = -_bdot(z1, D * z1) - kappa / tau  # < 0: the τ-equation's pivot
         if has_P:
+            e = x1 - xi
             den = den - _bdot(e, _mv(P, e))
+        cone = torch.cat((s[:, p:], z[:, p:], tau.unsqueeze(1), kappa.unsqueeze(1)), 1)
 
         def direction(
             x2: Tensor, z2: Tensor, d_tau: Tensor, d_s: Tensor, d_kap: Tensor
-        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-            dt = (-d_tau + d_kap / tau - _bdot(g, x2) - _bdot(b, z2)) / den
-            dz = z2 + dt.unsqueeze(1) * z1
-            dx = x2 + dt.unsqueeze(1) * x1
-            ds = -d_s / torch.where(is_eq, torch.ones_like(z), z) - D * dz
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            # Back-substitution of dτ, then (dx, dz) = (x2, z2) + dτ (x1, z1), ds and dκ;
+            # returns them with the largest step that keeps (s, z, τ, κ) in the cone.
+            dt = (d_kap / tau - d_tau - _bdot(g, x2) - _bdot(b, z2)) / den
+            dz = torch.addcmul(z2, dt.unsqueeze(1), z1)
+            dx = torch.addcmul(x2, dt.unsqueeze(1), x1)
+            ds = -(d_s * zinv + D * dz)
             dk = -(d_kap + kappa * dt) / tau
-            return dx, dz, ds, dt, dk
+            dcone = torch.cat((ds[:, p:], dz[:, p:], dt.unsqueeze(1), dk.unsqueeze(1)), 1)
+            ratio = torch.where(dcone < 0, cone / -dcone, math.inf).amin(1)
+            return dx, dz, ds, dt, dk, ratio
 
-        def max_step(dz: Tensor, ds: Tensor, dt: Tensor, dk: Tensor) -> Tensor:
-            a = torch.minimum(_max_step(s, ds * ineq), _max_step(z, dz * ineq))
-            a = torch.minimum(a, torch.where(dt < 0, -tau / dt, math.inf))
-            return torch.minimum(a, torch.where(dk < 0, -kappa / dk, math.inf))
-
-        dx, dz, ds, dt, dk = direction(x2, z2, rtau, s * z * ineq, tau * kappa)
-        alpha = torch.clamp(max_step(dz, ds, dt, dk), max=1.0)
-        sigma = (1.0 - alpha) ** 3
+        dx, dz, ds, dt, dk, ratio = direction(x2, z2, rtau, s * z * ineq, tau * kappa)
+        sigma = (1.0 - torch.clamp(ratio, max=1.0)) ** 3
         target = torch.maximum(sigma * mu, mu_t * tau * tau)
 
         # Corrector: Mehrotra's second-order term and centering toward σμ.
-        eta = (1.0 - sigma).unsqueeze(1)
+        eta = 1.0 - sigma
         d_s = (s * z + ds * dz - target.unsqueeze(1)) * ineq
         d_kap = tau * kappa + dt * dk - target
-        r2 = -eta * rz + d_s / torch.where(is_eq, torch.ones_like(z), z)
-        u1, u2 = kkt.solve((-eta * rx).unsqueeze(-1), r2.unsqueeze(-1), refine)
-        dx, dz, ds, dt, dk = direction(
-            u1.squeeze(-1), u2.squeeze(-1), eta.squeeze(1) * rtau, d_s, d_kap
+        r2 = torch.addcmul(d_s * zinv, eta.unsqueeze(1), rz, value=-1.0)
+        u1, u2 = kkt.solve((-eta.unsqueeze(1) * rx).unsqueeze(-1), r2.unsqueeze(-1), refine)
+        dx, dz, ds, dt, dk, ratio = direction(
+            u1.squeeze(-1), u2.squeeze(-1), eta * rtau, d_s, d_kap
         )
-        alpha = torch.clamp(_STEP_FRACTION * max_step(dz, ds, dt, dk), max=1.0)
-        alpha = torch.where(active, alpha, torch.zeros_like(alpha))
+        alpha = torch.where(active, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
         a1 = alpha.unsqueeze(1)
-        x, z, s = x + a1 * dx, z + a1 * dz, s + a1 * ds
-        tau, kappa = tau + alpha * dt, kappa + alpha * dk
+        x, z, s = torch.addcmul(x, a1, dx), torch.addcmul(z, a1, dz), torch.addcmul(s, a1, ds)
+        tau, kappa = torch.addcmul(tau, alpha, dt), torch.addcmul(kappa, alpha, dk)
 
     # Normalize: (x, y, s) = (x, z, s)/τ.
     x, z, s = x / tau.unsqueeze(1), z / tau.unsqueeze(1), s / tau.unsqueeze(1)

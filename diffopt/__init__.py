@@ -1,7 +1,7 @@
 """diffopt: differentiable convex optimization layers and bi-level learning for PyTorch."""
 
 from diffopt.errors import DegenerateWarning, DiffoptError, InputError, ProblemError, SolverError
-from diffopt.layers import CvxpyLayer
+from diffopt.layers import CvxpyLayer, QPLayer
 from diffopt.solve import SolveInfo
 from diffopt.solvers.base import Status
 
@@ -13,6 +13,7 @@ __all__ = [
     "DiffoptError",
     "InputError",
     "ProblemError",
+    "QPLayer",
     "SolveInfo",
     "SolverError",
     "Status",

@@ -157,11 +157,15 @@ class ConeTemplate:
 
     Attributes:
         dims: the cone of the canonical program.
-        n, m: number of canonical variables and constraint rows.
+        n: number of canonical variables.
+        m: number of constraint rows.
         param_shapes: shape of each user parameter.
-        c_map, b_map: :class:`AffineMap` onto ``c`` and ``b``.
-        A_map, A_pattern: map onto the values of ``A`` on its fixed sparsity pattern.
-        P_map, P_pattern: same for the full symmetric ``P`` (None for linear objectives).
+        c_map: :class:`AffineMap` onto ``c``.
+        b_map: :class:`AffineMap` onto ``b``.
+        A_map: map onto the values of ``A`` on its fixed sparsity pattern ``A_pattern``.
+        A_pattern: the :class:`~diffopt.solvers.base.SparsePattern` of ``A``.
+        P_map: same for the full symmetric ``P`` (None for linear objectives).
+        P_pattern: the pattern of ``P`` (None for linear objectives).
         recoveries: one :class:`Recovery` per requested output.
     """
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import cvxpy as cp
+import numpy as np
 import torch
 from torch import nn
 
 from diffopt.canon import AffineMap, ConeTemplate, flatten_f, unflatten_f
+from diffopt.cones import ConeDims
 from diffopt.errors import InputError, ProblemError
 from diffopt.solve import SolveInfo, cone_solve, make_call, select_backend
+from diffopt.solvers.base import SparsePattern
 
 
 class CvxpyLayer(nn.Module):
@@ -204,8 +207,8 @@ class CvxpyLayer(nn.Module):
             ``var.shape`` when no parameter is batched. dtype and device follow the inputs.
 
         Raises:
-            InputError: malformed inputs. SolverError: some item failed and
-                ``on_failure="raise"``.
+            InputError: malformed inputs.
+            SolverError: some item failed and ``on_failure="raise"``.
         """
         t = self.template
         call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
@@ -231,3 +234,128 @@ class CvxpyLayer(nn.Module):
             val = unflatten_f(src[:, idx] * coef, rec.shape)
             outs.append(val if batched else val[0])
         return tuple(outs)
+
+
+def _dense_pattern(rows: int, cols: int) -> SparsePattern:
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return SparsePattern(r, c, (rows, cols))
+
+
+class QPLayer(nn.Module):
+    r"""A batched quadratic program in tensor form, no CVXPY needed (OptNet-style).
+
+    .. math::
+
+        x^\star = \arg\min_x \tfrac12 x^\top P x + q^\top x
+        \quad\text{s.t.}\quad Gx \le h,\ \ Ax = b.
+
+    Every argument may carry a leading batch dimension or be shared by the whole batch; ``G, h``
+    and ``A, b`` are optional (pass ``None``). Gradients are exact (KKT); a shared argument
+    receives the gradient *summed* over the batch (qpth averages it instead — divide by the batch
+    size to reproduce qpth). ``P`` is used through its symmetric part and must be positive
+    semidefinite.
+
+    Args:
+        solver: ``"native"`` (default: the batched interior-point method in torch, which runs on
+            the tensors' device), or ``"clarabel"`` / ``"scs"`` / ``"ecos"``.
+        duals: also return the equality and inequality multipliers ``(ν, λ)``.
+        solver_args: default options for every call, as for :class:`CvxpyLayer`.
+
+    Attributes:
+        info: :class:`~diffopt.solve.SolveInfo` of the most recent call.
+
+    Examples:
+        >>> import torch
+        >>> from diffopt import QPLayer
+        >>> P = torch.eye(2, dtype=torch.float64)
+        >>> q = torch.tensor([-2.0, -3.0], dtype=torch.float64, requires_grad=True)
+        >>> G = torch.eye(2, dtype=torch.float64)
+        >>> h = torch.ones(2, dtype=torch.float64)           # x <= 1
+        >>> x = QPLayer()(P, q, G, h)
+        >>> x.detach().round(decimals=6)
+        tensor([1., 1.], dtype=torch.float64)
+        >>> x.sum().backward()
+        >>> q.grad.round(decimals=6) + 0.0  # both constraints active: x does not move with q
+        tensor([0., 0.], dtype=torch.float64)
+    """
+
+    def __init__(self, solver: str = "native", duals: bool = False,
+                 solver_args: dict | None = None) -> None:
+        super().__init__()
+        self.solver = solver
+        self.duals = duals
+        self.solver_args = dict(solver_args or {})
+        self.info: SolveInfo | None = None
+
+    def forward(self, P, q, G=None, h=None, A=None, b=None, *, solver_args: dict | None = None):
+        """Solve the batch. Shapes: ``P (B?, n, n)``, ``q (B?, n)``, ``G (B?, m, n)``,
+        ``h (B?, m)``, ``A (B?, p, n)``, ``b (B?, p)``.
+
+        Returns:
+            ``x`` of shape ``(B, n)`` (``(n,)`` if nothing is batched), or ``(x, ν, λ)`` with
+            ``duals=True``.
+        """
+        args = {"P": P, "q": q, "G": G, "h": h, "A": A, "b": b}
+        for pair in (("G", "h"), ("A", "b")):
+            if (args[pair[0]] is None) != (args[pair[1]] is None):
+                raise InputError(f"{pair[0]} and {pair[1]} go together: pass both or neither")
+        for name, val in args.items():
+            if val is not None and not (isinstance(val, torch.Tensor) and val.is_floating_point()):
+                raise InputError(
+                    f"{name}: expected a floating-point torch.Tensor, received "
+                    f"{type(val).__name__ if not isinstance(val, torch.Tensor) else val.dtype}"
+                )
+        if q.ndim not in (1, 2):
+            raise InputError(f"q: expected shape (n,) or (batch, n), received {tuple(q.shape)}")
+        n = q.shape[-1]
+        m = 0 if G is None else G.shape[-2]
+        p = 0 if A is None else A.shape[-2]
+        expected = {"P": (n, n), "q": (n,), "G": (m, n), "h": (m,), "A": (p, n), "b": (p,)}
+        sizes = set()
+        dtype = q.dtype
+        for name, val in args.items():
+            if val is None:
+                continue
+            shape = expected[name]
+            if tuple(val.shape) == shape:
+                pass
+            elif val.ndim == len(shape) + 1 and tuple(val.shape[1:]) == shape:
+                sizes.add(int(val.shape[0]))
+            else:
+                raise InputError(
+                    f"{name}: expected shape {shape} or (batch, *{shape}) for n={n}, m={m}, p={p}, "
+                    f"received {tuple(val.shape)}"
+                )
+            if not torch.isfinite(val).all():
+                raise InputError(f"{name} contains NaN or Inf values")
+            dtype = torch.promote_types(dtype, val.dtype)
+        if len(sizes) > 1:
+            raise InputError(f"inconsistent batch sizes {sorted(sizes)} across arguments")
+        batched = bool(sizes)
+        B = sizes.pop() if sizes else 1
+        if B == 0:
+            raise InputError("batch size 0: pass at least one problem instance")
+
+        def batch(val, shape):
+            val = val.to(dtype)
+            return val.expand(B, *shape) if val.ndim == len(shape) else val
+
+        rows_A = [batch(A, (p, n))] if p else []
+        rows_b = [batch(b, (p,))] if p else []
+        if m:
+            rows_A.append(batch(G, (m, n)))
+            rows_b.append(batch(h, (m,)))
+        Amat = torch.cat(rows_A, 1) if rows_A else q.new_zeros(B, 0, n, dtype=dtype)
+        bvec = torch.cat(rows_b, 1) if rows_b else q.new_zeros(B, 0, dtype=dtype)
+        dims = ConeDims(zero=p, nonneg=m)
+        call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
+                         _dense_pattern(n, n), _dense_pattern(p + m, n), dims)
+        try:
+            x, y, _ = cone_solve(batch(P, (n, n)).reshape(B, n * n), batch(q, (n,)),
+                                 Amat.reshape(B, (p + m) * n), bvec, call)
+        finally:
+            self.info = call.info
+        outs = (x, y[:, :p], y[:, p:]) if self.duals else (x,)
+        if not batched:
+            outs = tuple(o[0] for o in outs)
+        return outs if self.duals else outs[0]

@@ -44,9 +44,11 @@ class SolveInfo:
 
     Attributes:
         status: canonical :class:`~diffopt.Status` per item.
-        iterations, solve_time: as reported by the backend.
-        primal_residual: ``‖Ax + s − b‖∞`` per item; dual_residual: ``‖Px + Aᵀy + c‖∞``;
-        gap: ``|sᵀy|``.
+        iterations: iterations per item, as reported by the backend.
+        solve_time: seconds per item, as reported by the backend.
+        primal_residual: ``‖Ax + s − b‖∞`` per item.
+        dual_residual: ``‖Px + Aᵀy + c‖∞`` per item.
+        gap: ``|sᵀy|`` per item.
         degenerate: per item, True when its KKT system was singular and the gradient came from
             a least-squares solve (None until a derivative was computed).
     """

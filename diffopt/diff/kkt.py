@@ -13,7 +13,8 @@ with ``D = DΠ(v)`` symmetric, eigenvalues in [0, 1]. ``J`` is factored once and
 adjoint (reverse mode, ``Jᵀλ = −g``) and the tangent (forward mode, ``J dz = −dR``) solves.
 Small systems are factored as one batched dense LU; large ones item by item with a sparse LU.
 Items whose ``J`` is (numerically) singular — weakly active constraints, LP vertices with ties —
-are solved in the least-squares sense (pseudo-inverse) and flagged in ``degenerate``.
+are solved in the least-squares sense (minimum norm, rank-revealing QR) and flagged in
+``degenerate``.
 """
 
 from __future__ import annotations
@@ -94,16 +95,21 @@ class KKTDifferentiator:
         rtol = 1e3 * torch.finfo(J.dtype).eps ** 0.75
         bad = (info != 0) | (diag.amin(1) <= rtol * diag.amax(1)) | ~torch.isfinite(diag).all(1)
         self.degenerate = bad & self.ok
-        self.pinv = None
-        if bool(self.degenerate.any()):
-            self.pinv = torch.linalg.pinv(J[self.degenerate], rtol=rtol)
+        self.rtol = rtol
+        self.J_degenerate = J[self.degenerate] if bool(self.degenerate.any()) else None
+
+    def _lstsq(self, M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """Minimum-norm least-squares solves, dropping singular directions below ``rtol``."""
+        if M.device.type == "cpu":  # rank-revealing QR: far cheaper than an SVD
+            return torch.linalg.lstsq(M, rhs, rcond=self.rtol, driver="gelsy").solution
+        return torch.linalg.pinv(M, rtol=self.rtol) @ rhs  # only 'gels' (full rank) off CPU
 
     def _solve_dense(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:
         z = torch.linalg.lu_solve(self.LU, self.piv, rhs.unsqueeze(-1), adjoint=adjoint).squeeze(-1)
-        if self.pinv is not None:
-            pinv = self.pinv.transpose(1, 2) if adjoint else self.pinv
+        if self.J_degenerate is not None:
+            M = self.J_degenerate.transpose(1, 2) if adjoint else self.J_degenerate
             z = z.clone()
-            z[self.degenerate] = (pinv @ rhs[self.degenerate].unsqueeze(-1)).squeeze(-1)
+            z[self.degenerate] = self._lstsq(M, rhs[self.degenerate].unsqueeze(-1)).squeeze(-1)
         return z
 
     def _factor_sparse(self, program: ConeProgram) -> None:

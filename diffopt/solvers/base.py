@@ -1,10 +1,10 @@
 r"""The solver-backend contract: canonical statuses, the batched cone program, results.
 
-Every backend solves the standard-form cone program (see ``docs/math``)
+Every backend solves the standard-form cone program (derived on the docs' math page)
 
 .. math::
 
-    \\min_x \\tfrac12 x^\\top P x + c^\\top x \\quad \\text{s.t.}\\quad Ax + s = b,\\ s \\in \\mathcal K,
+    \min_x \tfrac12 x^\top P x + c^\top x \quad \text{s.t.}\quad Ax + s = b,\ s \in \mathcal K,
 
 and returns the primal-dual triple ``(x, y, s)`` with ``y`` in the dual cone, plus one canonical
 :class:`Status` per item. Backends declare what they support as class attributes; the layer
@@ -116,7 +116,9 @@ class Solution:
     """Batched solver output in the standard form, with per-item diagnostics.
 
     Attributes:
-        x, y, s: ``(B, n)``, ``(B, m)``, ``(B, m)`` tensors (NaN rows for failed items).
+        x: ``(B, n)`` primal solutions (NaN rows for failed items).
+        y: ``(B, m)`` dual solutions, in the dual cone.
+        s: ``(B, m)`` slacks, in the cone.
         status: one :class:`Status` per item.
         iterations: iterations used per item.
         primal_residual: ``‖Ax + s − b‖∞`` per item.

@@ -445,3 +445,29 @@ def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(f"diffopt.bilevel.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("hyperparameter_ridge.py", ["--Ts", "10,30", "--ks", "1,10", "--outer-steps", "2",
+                                     "--repeats", "1"]),
+        ("maml_sine.py", ["--meta-iters", "3", "--test-tasks", "5"]),
+    ],
+)
+def test_examples_run(tmp_path, script: str, args: list[str]) -> None:
+    """The examples run end to end with tiny settings and write their figure and JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(root / "examples" / script), "--json", str(out),
+           "--figure", str(tmp_path / "fig.png"), *args]
+    subprocess.run(cmd, check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300)
+    assert json.loads(out.read_text()) and (tmp_path / "fig.png").stat().st_size > 0

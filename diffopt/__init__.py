@@ -1,5 +1,6 @@
 """diffopt: differentiable convex optimization layers and bi-level learning for PyTorch."""
 
+from diffopt import bilevel
 from diffopt.errors import DegenerateWarning, DiffoptError, InputError, ProblemError, SolverError
 from diffopt.layers import CvxpyLayer, QPLayer
 from diffopt.solve import SolveInfo
@@ -18,4 +19,5 @@ __all__ = [
     "SolverError",
     "Status",
     "__version__",
+    "bilevel",
 ]

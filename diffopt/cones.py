@@ -4,7 +4,8 @@ The standard form used throughout diffopt is
 
 .. math::
 
-    \\min_x \\tfrac12 x^\\top P x + c^\\top x \\quad\\text{s.t.}\\quad Ax + s = b,\\ s \\in \\mathcal K,
+    \\min_x \\tfrac12 x^\\top P x + c^\\top x
+    \\quad\\text{s.t.}\\quad Ax + s = b,\\ s \\in \\mathcal K,
     \\qquad y \\in \\mathcal K^*,
 
 with the rows of ``A`` (and of ``s``, ``y``) ordered as: zero cone, nonnegative cone, second-order
@@ -321,8 +322,10 @@ def _dproj_soc(v: Tensor) -> Tensor:
     Identity in the interior, zero in the polar cone (the origin included), and on the rest
     (``|t| < ||u||``), with ``w = u / ||u||``,
 
-    .. math:: \\tfrac12 \\begin{bmatrix} 1 & w^\\top \\\\ w & (1 + t/\\|u\\|) I - (t/\\|u\\|) w w^\\top
-              \\end{bmatrix}.
+    .. math::
+
+        \\tfrac12 \\begin{bmatrix} 1 & w^\\top \\\\
+        w & (1 + t/\\|u\\|) I - (t/\\|u\\|) w w^\\top \\end{bmatrix}.
     """
     q = v.shape[-1]
     t, u, nu = _soc_split(v)
@@ -381,8 +384,8 @@ def _dproj_psd(v: Tensor) -> Tensor:
     gamma = torch.where(mixed, num / torch.where(mixed, den, 1.0), both.to(v.dtype))
     gamma = gamma[..., r, c]  # (..., n), indexed by b
 
-    # Wt[a, b] = W[b, a] = svec_a(Q E_b Qᵀ)
-    #          = scale_a / (2 if i_b = j_b else sqrt 2) * (Q[r_a, i_b] Q[c_a, j_b] + Q[r_a, j_b] Q[c_a, i_b]).
+    # Wt[a, b] = W[b, a] = svec_a(Q E_b Qᵀ) for a = (r_a, c_a), b = (i_b, j_b):
+    #   scale_a / (2 if i_b = j_b else √2) * (Q[r_a, i_b] Q[c_a, j_b] + Q[r_a, j_b] Q[c_a, i_b]).
     Qr, Qc = Q[..., r, :], Q[..., c, :]  # (..., n_a, k)
     sym = Qr[..., :, r] * Qc[..., :, c] + Qr[..., :, c] * Qc[..., :, r]  # (..., n_a, n_b)
     Wt = sym * (scale[:, None] / (2.0 / scale)[None, :])  # 1/(2/scale_b): 1/2 diag, 1/√2 off
@@ -442,10 +445,10 @@ def _exp_bracket(x0: Tensor, y0: Tensor, z0: Tensor) -> tuple[Tensor, Tensor]:
     base_lo = 1 - y0 / x_safe
     base_hi = x0 / y_safe
     bound_hi = torch.maximum(
-        torch.clamp(base_lo + 1, min=20.0), 2 * torch.log(2 * norm / x_safe)
+        torch.clamp(base_lo + 1, min=20.0), 2 * (torch.log(2 * norm) - torch.log(x_safe))
     )
     bound_lo = torch.minimum(
-        torch.clamp(base_hi - 1, max=-20.0), -2 * torch.log(2 * norm / y_safe)
+        torch.clamp(base_hi - 1, max=-20.0), -2 * (torch.log(2 * norm) - torch.log(y_safe))
     )
     hi = torch.where(xpos, bound_hi, base_hi)
     hi = torch.where(xpos & ypos, torch.minimum(base_hi, bound_hi), hi)
@@ -491,7 +494,9 @@ def _exp_root_point(rho: Tensor, x0: Tensor, y0: Tensor, z0: Tensor) -> Tensor:
     err_a = ((y0 * q + num_a * dq).abs() / (q * q)) * drho + eps * (
         x0.abs() + rho.abs() * y0.abs()
     ) / q
-    exp_pos, exp_neg = torch.exp(rho), torch.exp(-rho)
+    # Error estimates only: cap the exponent so that 0 * inf never makes them NaN.
+    cap = 0.5 * math.log(torch.finfo(rho.dtype).max)
+    exp_pos, exp_neg = torch.exp(rho.clamp(max=cap)), torch.exp((-rho).clamp(max=cap))
     err_primal = err_s * (rho.abs() + 1 + exp_pos)
     err_dual = err_a * (rho.abs() + 2 + exp_neg)
     # s e^ρ and a e^{-ρ} through logarithms: each is bounded by ||v0|| while e^{±ρ} may overflow.
@@ -499,7 +504,9 @@ def _exp_root_point(rho: Tensor, x0: Tensor, y0: Tensor, z0: Tensor) -> Tensor:
     a_exp = torch.where(a > 0, torch.exp(-rho + torch.log(torch.where(a > 0, a, 1.0))), 0.0)
     primal = torch.stack([s * rho, s, s_exp], dim=-1)
     dual = torch.stack([x0 - a, y0 - a * (1 - rho), z0 + a_exp], dim=-1)
-    return torch.where((err_primal <= err_dual)[..., None], primal, dual)
+    point = torch.where((err_primal <= err_dual)[..., None], primal, dual)
+    # Every point of K has y, z >= 0; clipping only removes rounding (or underflow) debris.
+    return torch.cat([point[..., :1], point[..., 1:].clamp(min=0)], dim=-1)
 
 
 def _exp_regions(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -515,12 +522,23 @@ def _exp_regions(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return in_k, in_polar & ~in_k, corner & ~in_k & ~in_polar
 
 
+def _exp_hard_points(v: Tensor, hard: Tensor) -> tuple[Tensor, Tensor]:
+    """The root-case points scaled to ``max |v_i| = 1``, and the scales (``(N, 1)``).
+
+    The projection is positively homogeneous, ``Π(αv) = α Π(v)``, so the root search runs on
+    unit-scale points and never overflows; the other entries get a harmless stand-in point.
+    """
+    scale = v.abs().amax(dim=-1, keepdim=True)
+    ok = hard[..., None] & (scale > 0)
+    w = torch.where(ok, v / torch.where(ok, scale, 1.0), torch.ones_like(v))
+    return w, torch.where(ok, scale, 1.0)
+
+
 def _proj_exp_with_rho(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Project ``(N, 3)`` points onto K_exp; also return the root ρ and the root-case mask."""
     in_k, in_polar, corner = _exp_regions(v)
     hard = ~(in_k | in_polar | corner)
-    # Bisection runs on every entry; entries of the easy cases get a harmless stand-in point.
-    w = torch.where(hard[..., None], v, torch.ones_like(v))
+    w, scale = _exp_hard_points(v, hard)
     x0, y0, z0 = w.unbind(-1)
     rho = _exp_root(x0, y0, z0)
     root_point = _exp_root_point(rho, x0, y0, z0)
@@ -536,7 +554,9 @@ def _proj_exp_with_rho(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         [x0, y0, torch.maximum(z0, y0 * torch.exp(x0 / torch.where(y_pos, y0, 1.0)))], dim=-1
     )
     best = root_point
-    best_d = dist(root_point)
+    # A root near ±inf (a coordinate at the underflow limit after scaling) gives no usable point.
+    usable = torch.isfinite(rho * rho)
+    best_d = torch.where(usable, dist(root_point), torch.inf)
     for cand, ok in ((flat, torch.ones_like(y_pos)), (lift, y_pos)):
         d = torch.where(ok, dist(cand), torch.inf)
         better = d < best_d
@@ -545,7 +565,7 @@ def _proj_exp_with_rho(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     x, y, z = v.unbind(-1)
     corner_point = torch.stack([x, torch.zeros_like(y), z.clamp(min=0)], dim=-1)
-    out = torch.where(hard[..., None], best, torch.zeros_like(v))
+    out = torch.where(hard[..., None], best * scale, torch.zeros_like(v))
     out = torch.where(corner[..., None], corner_point, out)
     out = torch.where(in_k[..., None], v, out)
     return out, rho, hard
@@ -575,8 +595,7 @@ def _dproj_exp(v: Tensor) -> Tensor:
     flat = v.reshape(-1, 3)
     _, rho, hard = _proj_exp_with_rho(flat)
     in_k, _, corner = _exp_regions(flat)
-    w0 = torch.where(hard[..., None], flat, torch.ones_like(flat))
-    x0, y0, _ = w0.unbind(-1)
+    x0, y0, _ = _exp_hard_points(flat, hard)[0].unbind(-1)
     q = rho * rho - rho + 1
     s = torch.clamp(((rho - 1) * x0 + y0) / q, min=0)
     a = torch.clamp((x0 - rho * y0) / q, min=0)
@@ -595,7 +614,9 @@ def _dproj_exp(v: Tensor) -> Tensor:
 
     z_pos = (flat[..., 2] > 0).to(v.dtype)
     corner_jac = torch.diag_embed(torch.stack([one, zero, z_pos], dim=-1))
-    out = torch.where(hard[..., None, None], jac, torch.zeros_like(jac))
+    # For a root at ±inf the formula's limit is the corner Jacobian (ρ → -∞: diag(1, 0, 0)).
+    out = torch.where(torch.isfinite(jac), jac, corner_jac)
+    out = torch.where(hard[..., None, None], out, torch.zeros_like(jac))
     out = torch.where(corner[..., None, None], corner_jac, out)
     out = torch.where(in_k[..., None, None], eye, out)
     return out.reshape(*shape, 3)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,19 +47,16 @@ _KINDS = ("zero", "nonneg", "soc", "psd", "exp")
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
     """Return ``value`` as an int, or raise a ValueError saying what was expected."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            import numpy as np  # local: numpy integers from CVXPY are accepted too
-
-            if isinstance(value, np.integer):
-                value = int(value)
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            pass
-    if isinstance(value, bool) or not isinstance(value, int):
+    try:
+        # operator.index accepts Python and NumPy integers (as CVXPY gives them), not floats.
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
         raise ValueError(
             f"ConeDims.{name}: expected an integer, received {value!r} of type "
             f"{type(value).__name__}; pass whole numbers of rows/cones."
-        )
+        ) from None
     if value < minimum:
         raise ValueError(
             f"ConeDims.{name}: expected an integer >= {minimum}, received {value}; "

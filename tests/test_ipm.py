@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -74,6 +73,7 @@ def random_problem(B, n, p, l, lp=False, seed=0, dtype=torch.float64):
 
 def clarabel_reference(P, c, A, b, p, l):
     """(x, y, s) per item from Clarabel through CVXPY at tolerance 1e-10."""
+    cp = pytest.importorskip("cvxpy")
     out = []
     for i in range(A.shape[0]):
         x, s = cp.Variable(A.shape[2]), cp.Variable(A.shape[1])
@@ -158,11 +158,12 @@ def test_iteration_limit():
     assert sol.iterations == [2] * 4
 
 
-def test_float32():
+@pytest.mark.parametrize("kkt_dtype", [None, torch.float32], ids=["kkt64", "kkt32"])
+def test_float32(kkt_dtype):
     data = random_problem(8, 12, 2, 16, seed=4)
     ref = NativeIPM().solve(program(*data, 2, 16), {})
     data32 = [t.float() for t in data]
-    sol = NativeIPM().solve(program(*data32, 2, 16), {})
+    sol = NativeIPM().solve(program(*data32, 2, 16), {"kkt_dtype": kkt_dtype})
     assert all(st is Status.OPTIMAL for st in sol.status)
     assert sol.x.dtype == torch.float32
     assert rel_err(sol.x.double(), ref.x) <= TOL_F32
@@ -317,6 +318,8 @@ def test_unknown_option_is_refused():
         NativeIPM().solve(program(*data, 0, 4), {"mu": -1.0})
     with pytest.raises(ValueError, match="warm_start"):
         NativeIPM().solve(program(*data, 0, 4), {"warm_start": 3})
+    with pytest.raises(ValueError, match="kkt_dtype"):
+        NativeIPM().solve(program(*data, 0, 4), {"kkt_dtype": torch.int64})
 
 
 def test_unsupported_cone_is_refused():

@@ -59,10 +59,15 @@ __all__ = ["NativeIPM"]
 # Per-dtype defaults. ``reg`` is the static regularization δ of the KKT factorization (removed
 # again by iterative refinement), ``tol_infeas`` the tolerance of the certificate tests.
 _DEFAULTS: dict[torch.dtype, dict[str, float]] = {
-    torch.float64: {"tol": 1e-9, "tol_infeas": 1e-8, "reg": 1e-7},
-    torch.float32: {"tol": 1e-5, "tol_infeas": 1e-4, "reg": 1e-4},
+    torch.float64: {"tol": 1e-9, "tol_infeas": 1e-8},
+    torch.float32: {"tol": 1e-5, "tol_infeas": 1e-4},
 }
-_OPTION_KEYS = ("tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine")
+# Default δ per dtype of the KKT linear algebra: small enough for refinement to remove it in one
+# or two steps, large enough that H = P + δI + Aᵀ(D + δ)⁻¹A stays factorizable (cond ≲ 1/δ²).
+_REG = {torch.float64: 1e-7, torch.float32: 1e-3}
+_OPTION_KEYS = (
+    "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine", "kkt_dtype"
+)
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary taken by a combined step
 _WARM_SHIFT = 1e-3  # distance from the boundary of a warm-started point (relative)
 
@@ -90,9 +95,18 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
             f"NativeIPM: expected float32 or float64 problem data, received {dtype}; "
             "convert the parameters with .double() or .float()."
         )
-    opts: dict[str, Any] = {"max_iters": 100, "mu": 0.0, "warm_start": None, "refine": 1}
+    opts: dict[str, Any] = {
+        "max_iters": 100, "mu": 0.0, "warm_start": None, "refine": 1, "kkt_dtype": None
+    }
     opts.update(_DEFAULTS[dtype])
     opts.update({k: v for k, v in options.items() if v is not None})
+    if opts["kkt_dtype"] not in (None, torch.float32, torch.float64):
+        raise ValueError(
+            f"NativeIPM: option 'kkt_dtype' must be torch.float32 or torch.float64, received "
+            f"{opts['kkt_dtype']!r}."
+        )
+    opts["kkt_dtype"] = opts["kkt_dtype"] or torch.float64
+    opts.setdefault("reg", _REG[opts["kkt_dtype"]])
     for key in ("tol", "tol_infeas", "reg"):
         if not float(opts[key]) > 0:
             raise ValueError(f"NativeIPM: option {key!r} must be positive, received {opts[key]!r}.")
@@ -142,7 +156,12 @@ class _KKT:
     system and refines against the exact ``K`` so that δ does not bias the answer.
     """
 
-    def __init__(self, P: Tensor, A: Tensor, reg: float, has_P: bool) -> None:
+    def __init__(self, P: Tensor, A: Tensor, reg: float, has_P: bool,
+                 dtype: torch.dtype) -> None:
+        # The linear algebra runs in ``dtype`` (the data's, or float64 for float32 data when
+        # asked); vectors are cast on the way in and out of ``factor`` and ``solve``.
+        self.dtype, self.out_dtype = dtype, A.dtype
+        P, A = P.to(dtype), A.to(dtype)
         self.P, self.A, self.At = P, A, A.transpose(1, 2).contiguous()
         self.has_P = has_P
         self.reg = reg
@@ -154,7 +173,7 @@ class _KKT:
 
     def factor(self, D: Tensor) -> Tensor:
         """Factor at the diagonal ``D`` (``(B, m)``, zero on equality rows); return failures."""
-        self.D = D
+        self.D = D = D.to(self.dtype)
         self.w = 1.0 / (D + self.reg)
         H = torch.baddbmm(self.P_reg, self.At, self.A * self.w.unsqueeze(-1))
         L, info = torch.linalg.cholesky_ex(H)
@@ -179,6 +198,7 @@ class _KKT:
 
     def solve(self, r1: Tensor, r2: Tensor, refine: int) -> tuple[Tensor, Tensor]:
         """Solve ``K [x; y] = [r1; r2]`` for ``(B, n, k)``, ``(B, m, k)`` right-hand sides."""
+        r1, r2 = r1.to(self.dtype), r2.to(self.dtype)
         x, y = self._solve_reg(r1, r2)
         for _ in range(refine):
             e1 = torch.baddbmm(r1, self.At, y, alpha=-1.0)
@@ -187,7 +207,7 @@ class _KKT:
             e2 = torch.baddbmm(r2, self.A, x, alpha=-1.0) + self.D.unsqueeze(-1) * y
             dx, dy = self._solve_reg(e1, e2)
             x, y = x + dx, y + dy
-        return x, y
+        return x.to(self.out_dtype), y.to(self.out_dtype)
 
 
 class _IPMDifferentiator:
@@ -211,7 +231,7 @@ class _IPMDifferentiator:
 
     def _ds_dy(self, v: Tensor) -> Tensor:
         """``(∂s/∂y) v = −D v`` (symmetric, so also the transpose)."""
-        D = self._kkt.D
+        D = self._kkt.D.to(v.dtype)
         return -(D if v.dim() == 2 else D.unsqueeze(-1)) * v
 
     def adjoint(self, gx: Tensor, gy: Tensor, gs: Tensor) -> tuple[Tensor, Tensor]:
@@ -270,7 +290,13 @@ class NativeIPM(Backend):
       whose derivative is smooth in the data (a surrogate for LPs).
     - ``warm_start``: a previous :class:`Solution` or a triple ``(x, y, s)`` of ``(B, ·)`` tensors;
       it is pushed into the interior and used where finite (cold start elsewhere).
-    - ``reg``: static regularization δ of the KKT factorization (default ``1e-7`` / ``1e-4``).
+    - ``reg``: static regularization δ of the KKT factorization (default ``1e-7`` with a
+      float64 factorization, ``1e-3`` with float32).
+    - ``kkt_dtype``: dtype of the KKT factorization and solves (default ``torch.float64``).
+      With float32 data the iterates, residuals and results stay float32 and only the linear
+      algebra runs in float64, which keeps the late, ill-conditioned iterations solvable;
+      ``torch.float32`` is faster on GPUs with slow float64 but fails more often on larger
+      problems (``NUMERICAL_ERROR``).
     - ``refine``: iterative-refinement steps per Newton solve (default 1); the derivative
       uses ``refine + 3``.
 
@@ -333,7 +359,9 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     ineq = c.new_zeros(m)
     ineq[p:] = 1.0
     is_eq = ineq == 0
-    kkt = _KKT(P, A, float(opts["reg"]), has_P)
+    kkt_dtype = opts["kkt_dtype"]
+    kkt = _KKT(P, A, float(opts["reg"]), has_P, kkt_dtype)
+    At = kkt.At if kkt_dtype == c.dtype else A.transpose(1, 2).contiguous()
     norm_b, norm_c = _inf_norm(b), _inf_norm(c)
 
     def Pmv(v: Tensor) -> Tensor:
@@ -372,7 +400,7 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
 
     # ---- phase 1: Mehrotra predictor-corrector on the homogeneous embedding.
     for k in range(max_iters + 1):
-        Px, Atz, Ax = Pmv(x), _mv(kkt.At, z), _mv(A, x)
+        Px, Atz, Ax = Pmv(x), _mv(At, z), _mv(A, x)
         xPx, cx, bz = _bdot(x, Px), _bdot(c, x), _bdot(b, z)
         rx = torch.addcmul(Px + Atz, c, tau.unsqueeze(1))
         rz = torch.addcmul(Ax + s, b, tau.unsqueeze(1), value=-1.0)
@@ -466,7 +494,7 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     if mu_t > 0 and bool(centering.any()):
         code = torch.where(centering, _RUNNING, code)
         for k in range(max_iters + 1):
-            Px, Atz, Ax = Pmv(x), _mv(kkt.At, z), _mv(A, x)
+            Px, Atz, Ax = Pmv(x), _mv(At, z), _mv(A, x)
             r1 = Px + Atz + c
             r2 = Ax + s - b
             rc = (s * z - mu_t) * ineq
@@ -501,7 +529,7 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     z = torch.where(ok, z, nan(z, math.nan))
     s = torch.where(ok, s, nan(s, math.nan))
     pres = _inf_norm(_mv(A, x) + s - b)
-    dres = _inf_norm(Pmv(x) + _mv(kkt.At, z) + c)
+    dres = _inf_norm(Pmv(x) + _mv(At, z) + c)
     gap = _bdot(s, z).abs()
     status = [_CODE_STATUS[int(v)] for v in code.tolist()]
     sol = Solution(

@@ -143,6 +143,19 @@ def test_infeasible_and_unbounded_in_a_mixed_batch():
     assert torch.isnan(sol.x[1]).all() and torch.isnan(sol.y[2]).all()
 
 
+def test_unbounded_qp_next_to_a_bounded_one():
+    # min ½x₁² − x₂ s.t. x ≥ 0 (unbounded along x₂), and the same with x₂ ≤ 1 added.
+    P = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]] * 2, dtype=torch.float64)
+    c = torch.tensor([[0.0, -1.0]] * 2, dtype=torch.float64)
+    A = torch.tensor([[[-1.0, 0], [0, -1], [0, 0]], [[-1.0, 0], [0, -1], [0, 1]]],
+                     dtype=torch.float64)
+    b = torch.tensor([[0.0, 0, 1], [0.0, 0, 1]], dtype=torch.float64)
+    sol = NativeIPM().solve(program(P, c, A, b, 0, 3), {})
+    assert sol.status == [Status.UNBOUNDED, Status.OPTIMAL]
+    # x₁ ≥ 0 is weakly active (zero multiplier), so x₁ only converges like √μ.
+    assert torch.allclose(sol.x[1], torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-4)
+
+
 def test_infeasible_equalities_are_certified():
     # x₁ + x₂ = 1, x₁ + 2x₂ = −2 and x ≥ 0 (2 equality rows, 2 inequality rows).
     A = torch.tensor([[[1.0, 1.0], [1.0, 2.0], [-1.0, 0.0], [0.0, -1.0]]], dtype=torch.float64)

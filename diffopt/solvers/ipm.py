@@ -142,10 +142,9 @@ def _inf_norms(v: Tensor) -> Tensor:
     return v.abs().amax(dim=2) if v.shape[2] else v.new_zeros(v.shape[:2])
 
 
-def _max_step(v: Tensor, dv: Tensor) -> Tensor:
+def _boundary_step(v: Tensor, dv: Tensor) -> Tensor:
     """Largest ``α`` with ``v + α dv ≥ 0`` per item (``inf`` when nothing decreases)."""
-    ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, math.inf))
-    return ratio.amin(dim=1)
+    return torch.where(dv < 0, v / -dv, math.inf).amin(dim=1)
 
 
 class _KKT:
@@ -367,9 +366,10 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     def Pmv(v: Tensor) -> Tensor:
         return _mv(P, v) if has_P else torch.zeros_like(v)
 
-    def scaling(s: Tensor, z: Tensor) -> Tensor:
-        # D = s/z on inequality rows, 0 on equality rows (where s = 0 and z is free).
-        return s / torch.where(is_eq, torch.ones_like(z), z)
+    def inverse_z(z: Tensor) -> Tensor:
+        # 1/z on inequality rows, 0 on equality rows (there s = 0 and z is free), so that
+        # D = s/z is the KKT diagonal on every row.
+        return ineq / torch.where(is_eq, 1.0, z)
 
     # ---- starting point: K(D = I on inequality rows) [x; z] = [−c; b], then shift into the cone.
     kkt.factor(ineq.expand(B, m))
@@ -396,7 +396,6 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
 
     code = torch.full((B,), _RUNNING, dtype=torch.int8, device=c.device)
     iters = torch.zeros(B, dtype=torch.int64, device=c.device)
-    D = scaling(s, z)
 
     # ---- phase 1: Mehrotra predictor-corrector on the homogeneous embedding.
     for k in range(max_iters + 1):
@@ -431,7 +430,7 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
         new_code = torch.where((new_code == _RUNNING) & infeasible, _INFEASIBLE, new_code)
         new_code = torch.where(torch.isfinite(mu + n_rz + n_rx + rtau), new_code, _NUMERICAL)
 
-        zinv = ineq / torch.where(is_eq, 1.0, z)  # 1/z on inequality rows, 0 on equality rows
+        zinv = inverse_z(z)
         D = s * zinv
         new_code = torch.where(kkt.factor(D), _NUMERICAL, new_code)
         code = torch.where(code == _RUNNING, new_code.to(code.dtype), code)
@@ -465,7 +464,7 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
             ds = -(d_s * zinv + D * dz)
             dk = -(d_kap + kappa * dt) / tau
             dcone = torch.cat((ds[:, p:], dz[:, p:], dt.unsqueeze(1), dk.unsqueeze(1)), 1)
-            ratio = torch.where(dcone < 0, cone / -dcone, math.inf).amin(1)
+            ratio = _boundary_step(cone, dcone)
             return dx, dz, ds, dt, dk, ratio
 
         dx, dz, ds, dt, dk, ratio = direction(x2, z2, rtau, s * z * ineq, tau * kappa)
@@ -498,29 +497,29 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
             r1 = Px + Atz + c
             r2 = Ax + s - b
             rc = (s * z - mu_t) * ineq
-            running = code == _RUNNING
-            pscale = 1.0 + torch.maximum(norm_b, torch.maximum(_inf_norm(Ax), _inf_norm(s)))
-            dscale = 1.0 + torch.maximum(norm_c, torch.maximum(_inf_norm(Px), _inf_norm(Atz)))
-            conv = (_inf_norm(r2) <= tol * pscale) & (_inf_norm(r1) <= tol * dscale)
-            conv &= _inf_norm(rc) <= tol * mu_t
-            code = torch.where(running & conv, _OPTIMAL, code)
-            finite = torch.isfinite(r1).all(1) & torch.isfinite(r2).all(1)
-            code = torch.where((code == _RUNNING) & ~finite, _NUMERICAL, code)
-            D = scaling(s, z)
-            failed = kkt.factor(D)
-            code = torch.where((code == _RUNNING) & failed, _NUMERICAL, code)
+            n_r2, n_Ax, n_s, n_rc = _inf_norms(torch.stack((r2, Ax, s, rc), 1)).unbind(1)
+            n_r1, n_Px, n_Atz = _inf_norms(torch.stack((r1, Px, Atz), 1)).unbind(1)
+            conv = n_r2 <= tol * (1.0 + torch.maximum(norm_b, torch.maximum(n_Ax, n_s)))
+            conv &= n_r1 <= tol * (1.0 + torch.maximum(norm_c, torch.maximum(n_Px, n_Atz)))
+            new_code = torch.where(conv & (n_rc <= tol * mu_t), _OPTIMAL, _RUNNING)
+            new_code = torch.where(torch.isfinite(n_r1 + n_r2 + n_rc), new_code, _NUMERICAL)
+            zinv = inverse_z(z)
+            D = s * zinv
+            new_code = torch.where(kkt.factor(D), _NUMERICAL, new_code)
+            code = torch.where(code == _RUNNING, new_code.to(code.dtype), code)
             active = code == _RUNNING
             if k == max_iters or not bool(active.any()):
                 break
             iters += active
-            zsafe = torch.where(is_eq, torch.ones_like(z), z)
-            u1, u2 = kkt.solve((-r1).unsqueeze(-1), (rc / zsafe - r2).unsqueeze(-1), refine)
+            # y∘ds + s∘dy = −rc gives ds = −rc/y − D dy, so K [dx; dy] = [−r1; rc/y − r2].
+            u1, u2 = kkt.solve((-r1).unsqueeze(-1), (rc * zinv - r2).unsqueeze(-1), refine)
             dx, dz = u1.squeeze(-1), u2.squeeze(-1)
-            ds = -rc / zsafe - D * dz
-            a = torch.minimum(_max_step(s, ds * ineq), _max_step(z, dz * ineq))
-            alpha = torch.clamp(_STEP_FRACTION * a, max=1.0)
-            alpha = torch.where(active, alpha, torch.zeros_like(alpha)).unsqueeze(1)
-            x, z, s = x + alpha * dx, z + alpha * dz, s + alpha * ds
+            ds = -(rc * zinv + D * dz)
+            ratio = _boundary_step(torch.cat((s[:, p:], z[:, p:]), 1),
+                                   torch.cat((ds[:, p:], dz[:, p:]), 1))
+            alpha = torch.where(active, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
+            a1 = alpha.unsqueeze(1)
+            x, z, s = torch.addcmul(x, a1, dx), torch.addcmul(z, a1, dz), torch.addcmul(s, a1, ds)
 
     # ---- diagnostics, computed once, and NaN rows for the items without a solution.
     ok = (code == _OPTIMAL).unsqueeze(1)

@@ -39,7 +39,14 @@ system (no refactorization).
 
 Stopping at ``mu > 0`` (the ``mu`` option) returns the point on the central path with
 ``s ∘ y = μ``: the minimizer of the log-barrier-smoothed problem
-``½xᵀPx + cᵀx − μ Σ log sᵢ``, a smooth surrogate for LPs whose Jacobian is ``K`` as well.
+``½xᵀPx + cᵀx − μ Σ log sᵢ``, a smooth surrogate for LPs whose Jacobian is ``K`` as well. The
+embedding's iterations then keep ``s ∘ z ≥ μτ²`` and hand each item, once near that point, to a
+few damped Newton steps on ``[Px + Aᵀy + c; Ax + s − b; s ∘ y − μ] = 0`` with ``τ`` fixed.
+
+Known limits: inconsistent *and* rank-deficient equality rows end as ``NUMERICAL_ERROR`` rather
+than ``INFEASIBLE``; constraints active with a zero multiplier (no strict complementarity)
+converge only like ``√μ``, and there ``K`` (hence the derivative) is ill-conditioned; there is no
+data equilibration, so badly scaled data needs scaling by the caller.
 """
 
 from __future__ import annotations
@@ -56,8 +63,8 @@ from diffopt.solvers.base import Backend, ConeProgram, Solution, Status
 
 __all__ = ["NativeIPM"]
 
-# Per-dtype defaults. ``reg`` is the static regularization δ of the KKT factorization (removed
-# again by iterative refinement), ``tol_infeas`` the tolerance of the certificate tests.
+# Per-dtype defaults of the data: ``tol`` for residuals and gap, ``tol_infeas`` for the
+# certificate tests.
 _DEFAULTS: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"tol": 1e-9, "tol_infeas": 1e-8},
     torch.float32: {"tol": 1e-5, "tol_infeas": 1e-4},

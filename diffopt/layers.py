@@ -12,7 +12,8 @@ from torch import nn
 from diffopt.canon import AffineMap, ConeTemplate, flatten_f, unflatten_f
 from diffopt.cones import ConeDims
 from diffopt.errors import InputError, ProblemError
-from diffopt.solve import SolveInfo, cone_solve, make_call, select_backend
+from diffopt.diff.smoothing import GradientMode, as_mode
+from diffopt.solve import SolveInfo, make_call, select_backend
 from diffopt.solvers.base import SparsePattern
 
 
@@ -29,8 +30,12 @@ class CvxpyLayer(nn.Module):
         parameters: the problem's ``cvxpy.Parameter`` objects, in the order of the call's tensors.
         variables: ``cvxpy.Variable`` objects to return, and/or constraint duals
             (``constraint.dual_variables[0]``).
-        solver: ``"clarabel"`` (default), ``"scs"`` or ``"ecos"``.
+        solver: ``"auto"`` (default: the native batched solver for LPs and QPs, Clarabel for
+            other cones), ``"native"``, ``"clarabel"``, ``"scs"`` or ``"ecos"``.
         solver_args: default options for every call (see :meth:`forward`).
+        gradient: the gradient mode (:mod:`diffopt.diff.smoothing`): ``"exact"`` (default, the
+            KKT derivative) or a surrogate for LPs such as ``QuadraticSmoothing(gamma)``,
+            ``LogBarrier(mu)``, ``Perturbed(sigma, samples)``, ``LPGD(tau)``.
 
     Attributes:
         info: :class:`~diffopt.solve.SolveInfo` of the most recent call: status, iterations and
@@ -58,8 +63,9 @@ class CvxpyLayer(nn.Module):
         parameters: Sequence[cp.Parameter],
         variables: Sequence[cp.Variable],
         *,
-        solver: str = "clarabel",
+        solver: str = "auto",
         solver_args: dict | None = None,
+        gradient: GradientMode | str | None = None,
         gp: bool = False,
     ) -> None:
         super().__init__()
@@ -72,6 +78,7 @@ class CvxpyLayer(nn.Module):
         self.parameters_ = list(parameters)
         self.solver = solver
         self.solver_args = dict(solver_args or {})
+        self.gradient = as_mode(gradient)
         select_backend(solver, self.template.dims, self.template.P_map is not None)
         self.info: SolveInfo | None = None
         t = self.template
@@ -187,7 +194,8 @@ class CvxpyLayer(nn.Module):
                     )
 
     # -- the call -----------------------------------------------------------------------------
-    def forward(self, *params: torch.Tensor, solver_args: dict | None = None):
+    def forward(self, *params: torch.Tensor, solver_args: dict | None = None,
+                gradient: GradientMode | str | None = None):
         """Solve the problem for a batch of parameter values.
 
         Args:
@@ -201,6 +209,7 @@ class CvxpyLayer(nn.Module):
                 ``"dense"`` or ``"sparse"`` factorization of the derivative), ``tol``,
                 ``max_iters``, ``verbose``, ``n_jobs`` (threads for per-item backends), and any
                 backend-specific setting.
+            gradient: gradient mode for this call (default: the layer's).
 
         Returns:
             A tuple with one tensor per requested variable, of shape ``(batch, *var.shape)``, or
@@ -222,8 +231,9 @@ class CvxpyLayer(nn.Module):
         P_values = None
         if t.P_map is not None:
             P_values = self._apply_map("P", t.P_pattern.nnz, theta)
+        mode = self.gradient if gradient is None else as_mode(gradient)
         try:
-            x, y, _ = cone_solve(P_values, c, A_values, b, call)
+            x, y, _ = mode.solve(P_values, c, A_values, b, call)
         finally:
             self.info = call.info
         outs = []
@@ -260,6 +270,7 @@ class QPLayer(nn.Module):
             the tensors' device), or ``"clarabel"`` / ``"scs"`` / ``"ecos"``.
         duals: also return the equality and inequality multipliers ``(ν, λ)``.
         solver_args: default options for every call, as for :class:`CvxpyLayer`.
+        gradient: gradient mode, as for :class:`CvxpyLayer`.
 
     Attributes:
         info: :class:`~diffopt.solve.SolveInfo` of the most recent call.
@@ -280,14 +291,17 @@ class QPLayer(nn.Module):
     """
 
     def __init__(self, solver: str = "native", duals: bool = False,
-                 solver_args: dict | None = None) -> None:
+                 solver_args: dict | None = None,
+                 gradient: GradientMode | str | None = None) -> None:
         super().__init__()
         self.solver = solver
         self.duals = duals
         self.solver_args = dict(solver_args or {})
+        self.gradient = as_mode(gradient)
         self.info: SolveInfo | None = None
 
-    def forward(self, P, q, G=None, h=None, A=None, b=None, *, solver_args: dict | None = None):
+    def forward(self, P, q, G=None, h=None, A=None, b=None, *, solver_args: dict | None = None,
+                gradient: GradientMode | str | None = None):
         """Solve the batch. Shapes: ``P (B?, n, n)``, ``q (B?, n)``, ``G (B?, m, n)``,
         ``h (B?, m)``, ``A (B?, p, n)``, ``b (B?, p)``.
 
@@ -350,8 +364,9 @@ class QPLayer(nn.Module):
         dims = ConeDims(zero=p, nonneg=m)
         call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
                          _dense_pattern(n, n), _dense_pattern(p + m, n), dims)
+        mode = self.gradient if gradient is None else as_mode(gradient)
         try:
-            x, y, _ = cone_solve(batch(P, (n, n)).reshape(B, n * n), batch(q, (n,)),
+            x, y, _ = mode.solve(batch(P, (n, n)).reshape(B, n * n), batch(q, (n,)),
                                  Amat.reshape(B, (p + m) * n), bvec, call)
         finally:
             self.info = call.info

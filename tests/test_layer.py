@@ -55,10 +55,10 @@ def test_gradcheck_cones(case):
     assert torch.autograd.gradcheck(fn, values, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def _cvxpy_solve(prob, params, x, vals):
+def _cvxpy_solve(prob, params, x, vals, tol=1e-12):
     for p, v in zip(params, vals):
         p.value = v
-    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=tol, tol_gap_rel=tol, tol_feas=tol)
     assert prob.status == cp.OPTIMAL
     return x.value.copy()
 
@@ -92,7 +92,7 @@ def test_random_feasible_qps_match_cvxpy_and_jvp_is_adjoint_of_vjp(seed, n, m, p
     layer = CvxpyLayer(prob, params, [x], solver_args={"tol": 1e-10})
     tensors = [torch.tensor(v) for v in vals]
     (sol,) = layer(*tensors)
-    ref = _cvxpy_solve(prob, params, x, vals)
+    ref = _cvxpy_solve(prob, params, x, vals, tol=1e-10)
     assert np.allclose(sol.numpy(), ref, atol=1e-6 * max(1, np.abs(ref).max()))
     # ⟨g, J d⟩ = ⟨Jᵀ g, d⟩: forward and reverse mode are consistent
     d = [torch.as_tensor(rng.standard_normal(v.shape)) for v in vals]
@@ -217,18 +217,31 @@ def test_sparse_kkt_path_matches_dense():
         assert torch.allclose(a, b, atol=1e-8)
 
 
-def test_degenerate_item_gets_least_squares_gradient_and_flag():
+def _duplicate_constraint_layer(solver):
     # Two identical constraints x <= 1: the KKT matrix is singular at any solution with x = 1.
     x = cp.Variable(1)
     z = cp.Parameter(1)
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x - z)), [x <= 1, 2 * x <= 2])
-    layer = CvxpyLayer(prob, [z], [x], solver_args=TIGHT)
+    return CvxpyLayer(prob, [z], [x], solver=solver)
+
+
+def test_degenerate_item_gets_least_squares_gradient_and_flag():
+    layer = _duplicate_constraint_layer("clarabel")
     zt = torch.tensor([[3.0], [0.0]], dtype=torch.float64, requires_grad=True)
     (sol,) = layer(zt)
     with pytest.warns(DegenerateWarning, match=r"item\(s\) \[0\]"):
         sol.sum().backward()
     assert layer.info.degenerate == [True, False]
     assert torch.isfinite(zt.grad).all()
+    assert torch.allclose(zt.grad, torch.tensor([[0.0], [1.0]], dtype=torch.float64), atol=1e-6)
+
+
+def test_degenerate_item_native_solver_is_finite_and_correct():
+    # The native solver differentiates its barrier system, which stays nonsingular.
+    layer = _duplicate_constraint_layer("native")
+    zt = torch.tensor([[3.0], [0.0]], dtype=torch.float64, requires_grad=True)
+    (sol,) = layer(zt)
+    sol.sum().backward()
     assert torch.allclose(zt.grad, torch.tensor([[0.0], [1.0]], dtype=torch.float64), atol=1e-6)
 
 

@@ -1,5 +1,14 @@
-"""Differentiators: linear solves with the Jacobian of the optimality conditions."""
+"""Differentiators and gradient modes."""
 
 from diffopt.diff.kkt import KKTDifferentiator
+from diffopt.diff.smoothing import (
+    LPGD,
+    Exact,
+    GradientMode,
+    LogBarrier,
+    Perturbed,
+    QuadraticSmoothing,
+)
 
-__all__ = ["KKTDifferentiator"]
+__all__ = ["LPGD", "Exact", "GradientMode", "KKTDifferentiator", "LogBarrier", "Perturbed",
+           "QuadraticSmoothing"]

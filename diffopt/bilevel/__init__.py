@@ -6,10 +6,13 @@
 :class:`Implicit` (implicit function theorem, O(1) memory in the number of steps),
 :class:`Unrolled` (backpropagation through every step) and :class:`Truncated` (through the last
 ``k`` steps). :func:`maml_adapt` and :func:`imaml_adapt` build meta-learning on top of it.
+:func:`spo_plus`, :func:`perturbed_fenchel_young`, :func:`regret` and :func:`normalized_regret`
+are decision-focused losses and metrics for learning the costs of linear programs.
 """
 
 from diffopt.bilevel._params import FunctionalModule
 from diffopt.bilevel.linear_solve import LinearSolveInfo
+from diffopt.bilevel.losses import normalized_regret, perturbed_fenchel_young, regret, spo_plus
 from diffopt.bilevel.maml import imaml_adapt, maml_adapt
 from diffopt.bilevel.minimize import minimize
 from diffopt.bilevel.strategies import (
@@ -31,4 +34,8 @@ __all__ = [
     "imaml_adapt",
     "maml_adapt",
     "minimize",
+    "normalized_regret",
+    "perturbed_fenchel_young",
+    "regret",
+    "spo_plus",
 ]

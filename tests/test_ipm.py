@@ -352,3 +352,32 @@ def test_cuda_matches_cpu():
     assert rel_err(gpu.x.cpu(), cpu.x) <= 1e-8
     l1, _ = gpu.differentiator.adjoint(gpu.x, gpu.y, gpu.s)
     assert l1.is_cuda and math.isfinite(float(l1.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Options shared with the conic backends
+# ---------------------------------------------------------------------------------------------
+
+
+def test_n_jobs_is_accepted_and_ignored():
+    data = random_problem(3, 6, 1, 8, seed=11)
+    ref = NativeIPM().solve(program(*data, 1, 8), {})
+    sol = NativeIPM().solve(program(*data, 1, 8), {"n_jobs": 4})
+    assert torch.equal(sol.x, ref.x) and sol.iterations == ref.iterations
+
+
+@pytest.mark.parametrize("mu", [0.0, 1e-2])
+def test_verbose_prints_one_line_per_iteration(mu, capsys):
+    data = random_problem(3, 6, 1, 8, seed=11)
+    NativeIPM().solve(program(*data, 1, 8), {"mu": mu})
+    assert capsys.readouterr().out == ""
+    sol = NativeIPM().solve(program(*data, 1, 8), {"mu": mu, "verbose": True})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("NativeIPM: 3 problem(s), n=6")
+    rows = [ln.split() for ln in lines[1:]]
+    assert all(r[2::2] == ["pres", "dres", "gap", "mu", "running"] for r in rows)
+    # One line per iteration of the slowest item, plus the line that finds it converged
+    # (per phase when centering).
+    assert len(rows) >= max(sol.iterations) + 1
+    assert int(rows[0][-1]) == 3 and rows[-1][-1] == "0"
+    assert float(rows[-1][3]) <= 1e-9 and float(rows[-1][5]) <= 1e-9

@@ -73,7 +73,8 @@ _DEFAULTS: dict[torch.dtype, dict[str, float]] = {
 # or two steps, large enough that H = P + δI + Aᵀ(D + δ)⁻¹A stays factorizable (cond ≲ 1/δ²).
 _REG = {torch.float64: 1e-7, torch.float32: 1e-3}
 _OPTION_KEYS = (
-    "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine", "kkt_dtype"
+    "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine", "kkt_dtype",
+    "verbose", "n_jobs",
 )
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary taken by a combined step
 _WARM_SHIFT = 1e-3  # distance from the boundary of a warm-started point (relative)
@@ -103,7 +104,8 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
             "convert the parameters with .double() or .float()."
         )
     opts: dict[str, Any] = {
-        "max_iters": 100, "mu": 0.0, "warm_start": None, "refine": 1, "kkt_dtype": None
+        "max_iters": 100, "mu": 0.0, "warm_start": None, "refine": 1, "kkt_dtype": None,
+        "verbose": False,
     }
     opts.update(_DEFAULTS[dtype])
     opts.update({k: v for k, v in options.items() if v is not None})
@@ -147,6 +149,16 @@ def _inf_norm(v: Tensor) -> Tensor:
 def _inf_norms(v: Tensor) -> Tensor:
     """``‖·‖∞`` along the last axis of a ``(B, k, r)`` stack of vectors."""
     return v.abs().amax(dim=2) if v.shape[2] else v.new_zeros(v.shape[:2])
+
+
+def _log_iteration(phase: str, k: int, live: Tensor, pres: Tensor, dres: Tensor, gap: Tensor,
+                   mu: Tensor, running: Tensor) -> None:
+    """The ``verbose`` line of one iteration: maxima over the items that were running."""
+    if not bool(live.any()):
+        return
+    p, d, g, u = torch.stack((pres, dres, gap, mu))[:, live].amax(1).tolist()
+    print(f"{phase} {k:3d}  pres {p:8.2e}  dres {d:8.2e}  gap {g:8.2e}  mu {u:8.2e}  "
+          f"running {int(running.sum())}")
 
 
 def _boundary_step(v: Tensor, dv: Tensor) -> Tensor:
@@ -305,6 +317,12 @@ class NativeIPM(Backend):
       problems (``NUMERICAL_ERROR``).
     - ``refine``: iterative-refinement steps per Newton solve (default 1); the derivative
       uses ``refine + 3``.
+    - ``verbose``: print one line per iteration for the whole batch: the largest relative
+      primal and dual residuals and duality gap and the largest barrier parameter ``μ`` over
+      the items still running, and how many are still running (``hsde`` lines; with ``mu > 0``
+      the centering phase prints ``path`` lines, whose ``gap`` is ``‖s∘y − μ‖∞ / μ``).
+    - ``n_jobs``: accepted and ignored (the batch is solved at once, not item by item), so
+      that ``solver_args`` written for the per-item conic backends also work here.
 
     The solution carries a differentiator whose linear solves reuse the final Cholesky factor,
     which is that of ``J = [[P, Aᵀ], [A, −diag(s/y)]]`` at the returned point.
@@ -403,6 +421,10 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
 
     code = torch.full((B,), _RUNNING, dtype=torch.int8, device=c.device)
     iters = torch.zeros(B, dtype=torch.int64, device=c.device)
+    verbose = bool(opts["verbose"])
+    if verbose:
+        print(f"NativeIPM: {B} problem(s), n={n}, {p} equality and {l} inequality rows; "
+              "columns: maxima over the running items of the relative residuals and gap")
 
     # ---- phase 1: Mehrotra predictor-corrector on the homogeneous embedding.
     for k in range(max_iters + 1):
@@ -425,12 +447,11 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
             near = sz <= (10.0 * mu_t * l) * tau * tau
             done = near & (n_rz <= 1e-2 * pscale) & (n_rx <= 1e-2 * dscale)
             new_code = torch.where(done, _CENTERING, _RUNNING)
-        else:
-            pobj = (0.5 * xPx / tau + cx) / tau
-            dobj = (-0.5 * xPx / tau - bz) / tau
-            scale = torch.clamp(torch.minimum(pobj.abs(), dobj.abs()), min=1.0)
-            new_code = torch.where(feasible & ((pobj - dobj).abs() <= tol * scale),
-                                   _OPTIMAL, _RUNNING)
+        pobj = (0.5 * xPx / tau + cx) / tau
+        dobj = (-0.5 * xPx / tau - bz) / tau
+        rel_gap = (pobj - dobj).abs() / torch.clamp(torch.minimum(pobj.abs(), dobj.abs()), min=1.0)
+        if mu_t == 0:
+            new_code = torch.where(feasible & (rel_gap <= tol), _OPTIMAL, _RUNNING)
         unbounded = (cx < 0) & (n_Px <= tol_inf * -cx) & (n_Axs <= tol_inf * -cx)
         new_code = torch.where((new_code == _RUNNING) & unbounded, _UNBOUNDED, new_code)
         infeasible = (bz < 0) & (n_Atz <= tol_inf * -bz)
@@ -440,8 +461,12 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
         zinv = inverse_z(z)
         D = s * zinv
         new_code = torch.where(kkt.factor(D), _NUMERICAL, new_code)
-        code = torch.where(code == _RUNNING, new_code.to(code.dtype), code)
+        live = code == _RUNNING
+        code = torch.where(live, new_code.to(code.dtype), code)
         active = code == _RUNNING
+        if verbose:
+            _log_iteration("hsde", k, live, n_rz / pscale, n_rx / dscale, rel_gap, mu / tau**2,
+                           active)
         if k == max_iters or not bool(active.any()):
             break
         iters += active
@@ -513,8 +538,14 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
             zinv = inverse_z(z)
             D = s * zinv
             new_code = torch.where(kkt.factor(D), _NUMERICAL, new_code)
-            code = torch.where(code == _RUNNING, new_code.to(code.dtype), code)
+            live = code == _RUNNING
+            code = torch.where(live, new_code.to(code.dtype), code)
             active = code == _RUNNING
+            if verbose:
+                gap_c = _bdot(s, z * ineq) / l
+                _log_iteration("path", k, live, n_r2 / (1.0 + torch.maximum(norm_b, n_Ax)),
+                               n_r1 / (1.0 + torch.maximum(norm_c, n_Px)), n_rc / mu_t, gap_c,
+                               active)
             if k == max_iters or not bool(active.any()):
                 break
             iters += active

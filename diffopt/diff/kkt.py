@@ -38,6 +38,28 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 #: Largest ``n + m`` factored densely (one batched LU); above it a sparse LU per item.
 DENSE_LIMIT = 600
+#: Between ``SPARSE_MIN`` and ``DENSE_LIMIT``, systems with fewer than this fraction of nonzeros
+#: are factored sparsely too (e.g. canonicalized SDPs, mostly zero).
+SPARSE_DENSITY = 0.1
+SPARSE_MIN = 150
+
+
+def kkt_density(program: ConeProgram, D) -> float:
+    """Fraction of structurally nonzero entries of ``J`` (from the sparsity patterns alone)."""
+    n, m = program.n, program.m
+    pa = program.A_pattern
+    A = sp.csr_matrix((np.ones(pa.nnz), (pa.rows, pa.cols)), shape=(m, n))
+    rows, cols = [np.arange(D.diag.shape[1])], [np.arange(D.diag.shape[1])]
+    for off, blk in D.blocks:
+        k = blk.shape[-1]
+        r, c = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+        rows.append(off + r.ravel())
+        cols.append(off + c.ravel())
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    Dp = sp.csr_matrix((np.ones(r.size), (r, c)), shape=(m, m))
+    nnz_P = 0 if program.P_pattern is None else program.P_pattern.nnz
+    nnz = nnz_P + (A.T @ Dp).nnz + pa.nnz + (Dp + sp.eye(m)).nnz
+    return nnz / float(n + m) ** 2
 
 
 class KKTDifferentiator:
@@ -47,7 +69,8 @@ class KKTDifferentiator:
         program: the (batched) cone program, in the dtype the derivative is computed in.
         x, y, s: the solution, same dtype; rows of failed items must be finite (e.g. zeros).
         ok: ``(B,)`` bool mask of items to differentiate; others get ``J = I`` and zero output.
-        method: ``"dense"``, ``"sparse"`` or ``"auto"`` (by size, :data:`DENSE_LIMIT`).
+        method: ``"dense"``, ``"sparse"`` or ``"auto"`` (sparse above :data:`DENSE_LIMIT`, or
+            above :data:`SPARSE_MIN` when the density of ``J`` is below :data:`SPARSE_DENSITY`).
 
     Attributes:
         degenerate: ``(B,)`` bool, True where ``J`` was singular and least squares was used.
@@ -59,7 +82,10 @@ class KKTDifferentiator:
         self.D = dproj_dual(y - s, program.dims)
         N = self.n + self.m
         if method == "auto":
-            method = "dense" if N <= DENSE_LIMIT else "sparse"
+            sparse = N > DENSE_LIMIT or (
+                N > SPARSE_MIN and kkt_density(program, self.D) < SPARSE_DENSITY
+            )
+            method = "sparse" if sparse else "dense"
         if method not in ("dense", "sparse"):
             raise ValueError(f"unknown KKT method {method!r}; expected 'dense', 'sparse' or 'auto'")
         self.method = method

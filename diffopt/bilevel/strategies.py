@@ -44,7 +44,7 @@ class Implicit:
         \\frac{\\partial w^\\star}{\\partial \\lambda}
         = -\\left[\\nabla^2_{ww} f\\right]^{-1} \\nabla^2_{w\\lambda} f,
         \\qquad
-        \\nabla_\\lambda L = -\\left(\\nabla^2_{\\lambda w} f\\right) u,\\quad
+        \\frac{dL}{d\\lambda} = \\nabla_\\lambda L - \\left(\\nabla^2_{\\lambda w} f\\right) u,\\quad
         \\nabla^2_{ww} f\\, u = \\nabla_{w} L .
 
     Args:

@@ -108,7 +108,7 @@ def test_random_feasible_qps_match_cvxpy_and_jvp_is_adjoint_of_vjp(seed, n, m, p
 # cvxpylayers 1.2 passes copy=False to np.array on scipy objects (numpy 2 deprecation).
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_matches_cvxpylayers_where_its_gradient_is_accurate():
-    cvxpylayers = pytest.importorskip("cvxpylayers.torch")
+    import cvxpylayers.torch as cvxpylayers
     case = sparsemax_case(4)
     prob, params, variables = case.build()
     ours = CvxpyLayer(prob, params, variables)

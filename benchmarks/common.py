@@ -38,6 +38,10 @@ class Family:
     values: list[np.ndarray]  # one array per parameter, shape (B, *param.shape)
     symmetric: list[bool] = field(default_factory=list)  # which parameters are symmetric matrices
     fd_eps: float = 1e-3  # relative finite-difference step of the reference check
+    #: tensor form for QPLayer: maps the parameter tensors (same order as ``parameters``) to the
+    #: keyword arguments ``P, q, G, h, A, b`` of ``diffopt.QPLayer`` (differentiably), or None
+    #: when the family is not a QP/LP.
+    qp_form: Callable | None = None
 
     def __post_init__(self):
         if not self.symmetric:
@@ -96,6 +100,7 @@ def _margin(prob: cp.Problem, params, vals, ineq) -> float:
 
 def dense_qp(n: int, m: int, p: int, B: int, seed: int = 0, margin: float = 1e-3) -> Family:
     """min ½xᵀQx + qᵀx  s.t.  Gx ≤ h, Ax = b;  q, G, h, A, b parametric, Q a fixed PD constant.
+    With ``p = 0`` there are no equality constraints (and no A, b parameters).
 
     Feasible by construction (h = Gx₀ + slack, b = Ax₀). An item whose solution is nearly
     degenerate (some inequality with both slack and multiplier below ``margin``: its gradient is
@@ -106,17 +111,21 @@ def dense_qp(n: int, m: int, p: int, B: int, seed: int = 0, margin: float = 1e-3
     Q = M @ M.T / n + 0.1 * np.eye(n)
     x = cp.Variable(n)
     q, G, h = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
-    A, b = cp.Parameter((p, n)), cp.Parameter(p)
     ineq = G @ x <= h
-    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, Q) + q @ x), [ineq, A @ x == b])
-    params = [q, G, h, A, b]
+    constraints = [ineq]
+    params = [q, G, h]
+    if p:
+        A, b = cp.Parameter((p, n)), cp.Parameter(p)
+        constraints.append(A @ x == b)
+        params += [A, b]
+    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, Q) + q @ x), constraints)
 
     def draw():
         Gv, Av = rng.standard_normal((m, n)), rng.standard_normal((p, n))
         x0 = rng.standard_normal(n)
         hv = Gv @ x0 + rng.uniform(0.1, 1.0, m)
         qv = 3.0 * rng.standard_normal(n)  # large enough that several constraints are active
-        return [qv, Gv, hv, Av, Av @ x0]
+        return [qv, Gv, hv, Av, Av @ x0][:len(params)]
 
     items = []
     while len(items) < B:
@@ -124,8 +133,13 @@ def dense_qp(n: int, m: int, p: int, B: int, seed: int = 0, margin: float = 1e-3
         if _margin(prob, params, vals, ineq) >= margin:
             items.append(vals)
     values = [np.stack([it[k] for it in items]) for k in range(len(params))]
+    Qt = torch.tensor(Q, dtype=DTYPE)
+
+    def qp_form(q, G, h, A=None, b=None):
+        return dict(P=Qt.to(q.dtype), q=q, G=G, h=h, A=A, b=b)
+
     return Family(f"qp_n{n}_m{m}_p{p}_B{B}", f"dense QP n={n} m={m} p={p}", prob,
-                  params, [x], values)
+                  params, [x], values, qp_form=qp_form)
 
 
 def grid_shortest_path(k: int = 5, B: int = 64, seed: int = 1) -> Family:
@@ -154,8 +168,16 @@ def grid_shortest_path(k: int = 5, B: int = 64, seed: int = 1) -> Family:
     prob = cp.Problem(cp.Minimize(c @ x + 0.1 * cp.sum_squares(x)),
                       [inc @ x == rhs, x >= 0, x <= 1])
     cv = rng.uniform(0.1, 1.0, (B, E))
+    P = 0.2 * torch.eye(E, dtype=DTYPE)
+    G = torch.cat([-torch.eye(E, dtype=DTYPE), torch.eye(E, dtype=DTYPE)])
+    h = torch.cat([torch.zeros(E, dtype=DTYPE), torch.ones(E, dtype=DTYPE)])
+    At, bt = torch.tensor(inc, dtype=DTYPE), torch.tensor(rhs, dtype=DTYPE)
+
+    def qp_form(c):
+        return dict(P=P, q=c, G=G, h=h, A=At, b=bt)
+
     return Family(f"shortest_path_{k}x{k}_B{B}", f"{k}x{k} grid shortest path ({E} edges)", prob,
-                  [c], [x], [cv])
+                  [c], [x], [cv], qp_form=qp_form)
 
 
 def portfolio(n: int = 30, B: int = 64, seed: int = 2) -> Family:
@@ -235,6 +257,23 @@ def time_layers(runs: dict, fam: Family, upstream, repeats: int) -> dict:
             last[name] = (outs, grads)
     return {name: ({k: statistics.median(v) for k, v in samples[name].items()}, *last[name])
             for name in runs}
+
+
+def max_violation(fam: Family, outs: list[torch.Tensor]) -> float:
+    """Worst constraint violation over the batch of the returned solutions, measured by CVXPY
+    itself (``constraint.violation()``: the distance of the constraint expression to its cone,
+    max over entries) with the item's parameter values. Only the requested variables are set, so
+    every variable of the problem must be among them (true for every family here)."""
+    worst = 0.0
+    outs = [o.detach().cpu().numpy() for o in outs]
+    for i in range(fam.batch):
+        for p, v in zip(fam.parameters, fam.values):
+            p.value = v[i]
+        for var, o in zip(fam.variables, outs):
+            var.value = o[i] if o.ndim > len(var.shape) else o
+        for con in fam.problem.constraints:
+            worst = max(worst, float(np.max(con.violation())))
+    return worst
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

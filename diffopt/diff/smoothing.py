@@ -122,8 +122,7 @@ class LogBarrier(GradientMode):
         if why is not None:
             raise ProblemError(f"LogBarrier needs the native LP/QP solver, but {why}")
         call.backend = native
-        call.options = {**{k: v for k, v in call.options.items() if k != "n_jobs"},
-                        "mu": float(self.mu)}
+        call.options = {**call.options, "mu": float(self.mu)}
         return cone_solve(P_values, c, A_values, b, call)
 
 

@@ -13,7 +13,7 @@ with ``D = DΠ(v)`` symmetric, eigenvalues in [0, 1]. ``J`` is factored once and
 adjoint (reverse mode, ``Jᵀλ = −g``) and the tangent (forward mode, ``J dz = −dR``) solves.
 Small systems are factored as one batched dense LU; large ones item by item with a sparse LU.
 Items whose ``J`` is (numerically) singular — weakly active constraints, LP vertices with ties —
-are solved in the least-squares sense (minimum norm, rank-revealing QR) and flagged in
+are solved in the least-squares sense (minimum norm, through an SVD) and flagged in
 ``degenerate``.
 """
 
@@ -126,8 +126,10 @@ class KKTDifferentiator:
 
     def _lstsq(self, M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """Minimum-norm least-squares solves, dropping singular directions below ``rtol``."""
-        if M.device.type == "cpu":  # rank-revealing QR: far cheaper than an SVD
-            return torch.linalg.lstsq(M, rhs, rcond=self.rtol, driver="gelsy").solution
+        if M.device.type == "cpu":
+            # SVD-based (divide and conquer): drops the singular directions reliably. The cheaper
+            # rank-revealing QR ('gelsy') misjudged the rank on degenerate LPs (wrong gradients).
+            return torch.linalg.lstsq(M, rhs, rcond=self.rtol, driver="gelsd").solution
         return torch.linalg.pinv(M, rtol=self.rtol) @ rhs  # only 'gels' (full rank) off CPU
 
     def _solve_dense(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:

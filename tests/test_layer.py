@@ -279,3 +279,34 @@ def test_inaccurate_solution_is_not_returned_as_solution():
     z = case.sample(np.random.default_rng(7), 2)[0]
     with pytest.raises(SolverError, match="INACCURATE|MAX_ITERATIONS|NUMERICAL"):
         layer(z, solver_args={"max_iters": 3, "tol": 1e-12})
+
+
+@pytest.mark.filterwarnings("ignore::diffopt.DegenerateWarning")  # expected for clarabel
+@pytest.mark.parametrize("solver", ["clarabel", "native"])
+def test_degenerate_path_qp_gradient_matches_finite_differences(solver):
+    """Grid shortest path + 0.1‖x‖²: more active constraints than variables (LICQ fails), so the
+    conic KKT matrix is singular; the least-squares gradient must still be the true derivative."""
+    k = 3
+    arcs = [(i * k + j, i * k + j + 1) for i in range(k) for j in range(k - 1)]
+    arcs += [(i * k + j, (i + 1) * k + j) for i in range(k - 1) for j in range(k)]
+    inc = np.zeros((k * k, len(arcs)))
+    for e, (u, v) in enumerate(arcs):
+        inc[u, e], inc[v, e] = 1.0, -1.0
+    sup = np.zeros(k * k)
+    sup[0], sup[-1] = 1.0, -1.0
+    x, c = cp.Variable(len(arcs)), cp.Parameter(len(arcs))
+    prob = cp.Problem(cp.Minimize(c @ x + 0.1 * cp.sum_squares(x)),
+                      [inc[:-1] @ x == sup[:-1], x >= 0, x <= 1])
+    layer = CvxpyLayer(prob, [c], [x], solver=solver, solver_args={"tol": 1e-10})
+    rng = np.random.default_rng(8)
+    cv = rng.uniform(0.5, 1.5, len(arcs))
+    ct = torch.tensor(cv, requires_grad=True)
+    (sol,) = layer(ct)
+    g = rng.standard_normal(len(arcs))
+    (grad,) = torch.autograd.grad(sol, ct, torch.as_tensor(g))
+    for _ in range(2):
+        d = rng.standard_normal(len(arcs))
+        xp = _cvxpy_solve(prob, [c], x, [cv + 1e-5 * d])
+        xm = _cvxpy_solve(prob, [c], x, [cv - 1e-5 * d])
+        fd = g @ (xp - xm) / 2e-5
+        assert abs(fd - float(grad @ torch.as_tensor(d))) <= 1e-5 * max(1.0, abs(fd))

@@ -10,6 +10,11 @@ optimality conditions, and the data gradients follow from ``dR = [dP x + dAᵀy 
     ∇P = \\tfrac12(λ_1 x^\\top + x λ_1^\\top),
 
 restricted to the entries on the sparsity patterns.
+
+torch.func: ``vmap`` maps its dimension onto the batch dimension of the solve (one solve of the
+merged batch, no loop over slices); ``jacrev`` and ``jacfwd`` vmap the backward and forward-mode
+rules over the directions, which reuse the factorization of the derivative (:class:`_KKTSolve`).
+``torch.compile`` treats the solve as a graph break.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False)
     cols = torch.as_tensor(pattern.cols, device=vec.device)
     src, dst, size = (rows, cols, pattern.shape[1]) if transpose else (cols, rows, pattern.shape[0])
     out = vec.new_zeros(vec.shape[0], size)
-    return out.index_add_(1, dst, values * vec[:, src])
+    return out.index_add(1, dst, values * vec[:, src])  # out of place: vmap-safe
 
 
 @dataclass
@@ -142,30 +147,47 @@ class _ConeSolve(torch.autograd.Function):
             )
         call.program, call.x, call.y, call.s, call.ok = work, x, y, s, ok
         call._diff = sol.differentiator
+        # In the solution's dtype; failed items are NaN, which is how backward and jvp find them.
         nan = torch.tensor(float("nan"), dtype=dt, device=dev)
-        outs = [torch.where(ok[:, None], t, nan) for t in (x, y, s)]
-        return tuple(t.to(c.dtype) for t in outs)
+        return tuple(torch.where(ok[:, None], t, nan) for t in (x, y, s))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.call = inputs[4]
         ctx.dtypes = [t.dtype for t in inputs[:4]]
+        # The backward and jvp rules read the solution from the outputs, not from ``call``: under
+        # vmap(grad(...)) they see one slice of the vmapped batch, while ``call`` holds the merged
+        # batch that was actually solved (and factored).
+        ctx.save_for_backward(*output)
+        ctx.save_for_forward(*output)
+
+    @staticmethod
+    def vmap(info, in_dims, P_values, c, A_values, b, call):
+        # A vmapped dimension of size V becomes part of the batch: the solve sees V·B items,
+        # vmap index major; unbatched inputs are broadcast. layer.info lists all V·B items.
+        V = info.batch_size
+
+        def merge(t, dim):
+            t = t.expand(V, *t.shape) if dim is None else t.movedim(dim, 0)
+            return t.reshape(V * t.shape[1], *t.shape[2:])
+
+        data = (merge(t, d) for t, d in zip((P_values, c, A_values, b), in_dims[:4]))
+        outs = _ConeSolve.apply(*data, call)
+        return tuple(o.unflatten(0, (V, -1)) for o in outs), (0, 0, 0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gx, gy, gs):
         call: _Call = ctx.call
-        x, y, ok = call.x, call.y, call.ok
-        dt = x.dtype
+        x, y, s, ok = _solution(ctx.saved_tensors)
 
         def prep(g, like):
             if g is None:
                 return torch.zeros_like(like)
-            g = g.to(dt)
+            g = g.to(x.dtype)
             return torch.where(ok[:, None], g, torch.zeros_like(g))
 
-        diff = call.differentiator()
-        l1, l2 = diff.adjoint(prep(gx, x), prep(gy, y), prep(gs, call.s))
+        l1, l2 = _KKTSolve.apply(x, call, "adjoint", prep(gx, x), prep(gy, y), prep(gs, s))
         l1 = torch.where(ok[:, None], l1, torch.zeros_like(l1))
         l2 = torch.where(ok[:, None], l2, torch.zeros_like(l2))
         pa = call.A_pattern
@@ -182,7 +204,7 @@ class _ConeSolve(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dPv, dc, dAv, db, _):
         call: _Call = ctx.call
-        x, y = call.x, call.y
+        x, y, _s, ok = _solution(ctx.saved_tensors)
         dt = x.dtype
 
         def t(d, like):
@@ -196,10 +218,48 @@ class _ConeSolve(torch.autograd.Function):
             dr2 = dr2 + pattern_matvec(dAv, call.A_pattern, x)
         if dPv is not None and call.P_pattern is not None:
             dr1 = dr1 + pattern_matvec(dPv.to(dt), call.P_pattern, x)
-        dx, dy, ds = call.differentiator().tangent(dr1, dr2)
-        mask = call.ok[:, None]
-        out_dt = ctx.dtypes[1]
-        return tuple(torch.where(mask, d, torch.zeros_like(d)).to(out_dt) for d in (dx, dy, ds))
+        dx, dy, ds = _KKTSolve.apply(x, call, "tangent", dr1, dr2)
+        return tuple(torch.where(ok[:, None], d, torch.zeros_like(d)) for d in (dx, dy, ds))
+
+
+def _solution(outputs):
+    """``(x, y, s)`` with failed items (NaN rows) zeroed, and the ``ok`` mask."""
+    x, y, s = outputs
+    ok = ~torch.isnan(x).any(1)
+    return (*(torch.where(ok[:, None], t, torch.zeros_like(t)) for t in (x, y, s)), ok)
+
+
+class _KKTSolve(torch.autograd.Function):
+    """The adjoint or tangent solve of ``call``'s differentiator, as a function torch.func can vmap.
+
+    ``anchor`` (the solution ``x``) is batched exactly at the vmap levels that
+    :meth:`_ConeSolve.vmap` merged into the solved batch. At such a level the right-hand sides are
+    merged the same way; at any other level (the directions of jacrev/jacfwd, or a vmap over
+    the backward) each direction is one more solve with the same factorization.
+    """
+
+    @staticmethod
+    def forward(anchor, call, kind, *rhs):
+        diff = call.differentiator()
+        return diff.adjoint(*rhs) if kind == "adjoint" else diff.tangent(*rhs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass  # only called from backward/jvp rules, which are not differentiated again
+
+    @staticmethod
+    def vmap(info, in_dims, anchor, call, kind, *rhs):
+        V = info.batch_size
+        rhs = [r.expand(V, *r.shape) if d is None else r.movedim(d, 0)
+               for r, d in zip(rhs, in_dims[3:])]
+        if in_dims[0] is not None:
+            anchor = anchor.movedim(in_dims[0], 0).flatten(0, 1)
+            outs = _KKTSolve.apply(anchor, call, kind, *(r.flatten(0, 1) for r in rhs))
+            outs = tuple(o.unflatten(0, (V, -1)) for o in outs)
+        else:
+            per = [_KKTSolve.apply(anchor, call, kind, *(r[k] for r in rhs)) for k in range(V)]
+            outs = tuple(torch.stack(o) for o in zip(*per))
+        return outs, (0,) * len(outs)
 
 
 def select_backend(name: str, dims: ConeDims, quadratic: bool) -> Backend:
@@ -224,8 +284,10 @@ def make_call(solver_args: dict, solver: str, P_pattern: SparsePattern | None,
                  bool(own.get("allow_inaccurate", False)), own.get("kkt", "auto"))
 
 
+# torch.compile: the solve (NumPy/C solvers, Python control flow) is a graph break and runs eagerly.
+@torch.compiler.disable
 def cone_solve(P_values, c, A_values, b, call: _Call):
     """Solve a batch of cone programs; differentiable in ``(P_values, c, A_values, b)``."""
     if P_values is None:
         P_values = c.new_zeros(c.shape[0], 0)
-    return _ConeSolve.apply(P_values, c, A_values, b, call)
+    return tuple(t.to(c.dtype) for t in _ConeSolve.apply(P_values, c, A_values, b, call))

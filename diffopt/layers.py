@@ -17,6 +17,16 @@ from diffopt.solve import SolveInfo, make_call, select_backend
 from diffopt.solvers.base import SparsePattern
 
 
+@torch.compiler.disable  # opaque to dynamo (a graph break, as any check of data is)
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values for the input checks; inside torch.func transforms, the tensor underneath,
+    with every vmapped slice (a Python ``bool`` of a vmapped tensor is not defined)."""
+    t = t.detach()
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 class CvxpyLayer(nn.Module):
     """A parametrized CVXPY problem as a differentiable layer.
 
@@ -152,9 +162,9 @@ class CvxpyLayer(nn.Module):
         out = []
         for p, val in zip(self.parameters_, tensors):
             val = val.to(dtype)
-            if not torch.isfinite(val).all():
+            if not torch.isfinite(_values(val)).all():
                 raise InputError(f"parameter {p.name()!r} contains NaN or Inf values")
-            self._check_attributes(p, val.detach())
+            self._check_attributes(p, _values(val))
             if val.ndim == p.ndim:
                 val = val.unsqueeze(0).expand(B, *p.shape)
             out.append(val)
@@ -340,7 +350,7 @@ class QPLayer(nn.Module):
                     f"{name}: expected shape {shape} or (batch, *{shape}) for n={n}, m={m}, p={p}, "
                     f"received {tuple(val.shape)}"
                 )
-            if not torch.isfinite(val).all():
+            if not torch.isfinite(_values(val)).all():
                 raise InputError(f"{name} contains NaN or Inf values")
             dtype = torch.promote_types(dtype, val.dtype)
         if len(sizes) > 1:
@@ -366,7 +376,9 @@ class QPLayer(nn.Module):
                          _dense_pattern(n, n), _dense_pattern(p + m, n), dims)
         mode = self.gradient if gradient is None else as_mode(gradient)
         try:
-            x, y, _ = mode.solve(batch(P, (n, n)).reshape(B, n * n), batch(q, (n,)),
+            Psym = batch(P, (n, n))
+            Psym = 0.5 * (Psym + Psym.transpose(1, 2))  # the objective sees only sym(P)
+            x, y, _ = mode.solve(Psym.reshape(B, n * n), batch(q, (n,)),
                                  Amat.reshape(B, (p + m) * n), bvec, call)
         finally:
             self.info = call.info

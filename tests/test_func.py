@@ -24,12 +24,6 @@ TOL_FD = 1e-8
 TOL_FD_CURVED = 1e-6  # SOCP: the solution map is curved, central differences carry O(eps²)
 SOLVERS = {"clarabel": {"tol": 1e-12}, "native": {"tol": 1e-12}}
 
-#: vmap over a whole layer needs the layers' input checks (Python bools of data) to look under
-#: the vmap wrapper; until diffopt/layers.py does, these run on cone_solve only.
-NEEDS_LAYER_CHECKS = pytest.mark.xfail(
-    strict=True, reason="diffopt/layers.py input checks call bool() on vmapped tensors"
-)
-
 N, M = 3, 4
 
 
@@ -59,7 +53,7 @@ def _qp(entry: str, solver: str, kkt: str = "auto"):
     return solve
 
 
-ENTRIES = ["cone", pytest.param("layer", marks=NEEDS_LAYER_CHECKS)]
+ENTRIES = ["cone", "layer"]
 
 
 @pytest.mark.parametrize("entry", ENTRIES)

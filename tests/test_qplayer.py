@@ -1,0 +1,97 @@
+"""QPLayer: tensor-form QPs against CVXPY, gradients, broadcasting, optional blocks, errors."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+from diffopt import InputError, QPLayer
+from problems import rel_err
+
+
+def _qp(rng, B=4, n=5, m=4, p=2):
+    L = rng.standard_normal((n, n))
+    P = torch.as_tensor(L @ L.T + np.eye(n))
+    q = torch.as_tensor(rng.standard_normal((B, n)))
+    G = torch.as_tensor(rng.standard_normal((m, n)))
+    x0 = rng.standard_normal(n)
+    h = torch.as_tensor(G.numpy() @ x0 + rng.uniform(0.1, 1, m))
+    A = torch.as_tensor(rng.standard_normal((p, n)))
+    b = torch.as_tensor(A.numpy() @ x0)
+    return P, q, G, h, A, b
+
+
+def _cvxpy(P, q, G, h, A, b):
+    x = cp.Variable(P.shape[0])
+    cons = ([G.numpy() @ x <= h.numpy()] if G is not None else []) + (
+        [A.numpy() @ x == b.numpy()] if A is not None else [])
+    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, P.numpy()) + q.numpy() @ x), cons)
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11)
+    duals = [c.dual_value for c in cons]
+    return x.value, duals
+
+
+@pytest.mark.parametrize("solver", ["native", "clarabel"])
+@pytest.mark.parametrize("blocks", ["both", "ineq", "eq", "none"])
+def test_matches_cvxpy_with_optional_blocks(solver, blocks):
+    rng = np.random.default_rng(0)
+    P, q, G, h, A, b = _qp(rng)
+    if blocks in ("eq", "none"):
+        G = h = None
+    if blocks in ("ineq", "none"):
+        A = b = None
+    x, nu, lam = QPLayer(solver=solver, duals=True)(P, q, G, h, A, b)
+    for i in range(q.shape[0]):
+        ref, duals = _cvxpy(P, q[i], G, h, A, b)
+        assert np.allclose(x[i].numpy(), ref, atol=1e-6)
+        if A is not None:
+            assert np.allclose(nu[i].numpy(), duals[-1], atol=1e-6)
+        if G is not None:
+            assert np.allclose(lam[i].numpy(), duals[0], atol=1e-6)
+
+
+def test_gradcheck_all_arguments_including_nonsymmetric_P():
+    rng = np.random.default_rng(1)
+    P, q, G, h, A, b = _qp(rng, B=2, n=3, m=2, p=1)
+    P = P + 0.3 * torch.as_tensor(rng.standard_normal((3, 3)))  # not symmetric; sym part is PD
+    args = tuple(t.clone().requires_grad_() for t in (P, q, G, h, A, b))
+    layer = QPLayer(solver="clarabel", solver_args={"tol": 1e-12})
+    assert torch.autograd.gradcheck(lambda *t: layer(*t), args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_arguments_get_summed_gradient():
+    rng = np.random.default_rng(2)
+    P, q, G, h, A, b = _qp(rng, B=3)
+    Gs = G.clone().requires_grad_()
+    QPLayer()(P, q, Gs, h, A, b).sum().backward()
+    total = torch.zeros_like(G)
+    for i in range(3):
+        Gi = G.clone().requires_grad_()
+        QPLayer()(P, q[i], Gi, h, A, b).sum().backward()
+        total += Gi.grad
+    assert rel_err(Gs.grad, total) < 1e-6
+
+
+def test_unbatched_returns_unbatched():
+    rng = np.random.default_rng(3)
+    P, q, G, h, A, b = _qp(rng, B=1)
+    x = QPLayer()(P, q[0], G, h, A, b)
+    assert x.shape == (5,)
+
+
+def test_errors():
+    rng = np.random.default_rng(4)
+    P, q, G, h, A, b = _qp(rng)
+    layer = QPLayer()
+    with pytest.raises(InputError, match="G and h go together"):
+        layer(P, q, G, None)
+    with pytest.raises(InputError, match=r"G: expected shape \(4, 5\) or \(batch, \*\(4, 5\)\)"):
+        layer(P, q, G[:, :3], h)
+    with pytest.raises(InputError, match=r"inconsistent batch sizes \[3, 4\]"):
+        layer(P, q, G, h.expand(3, 4))
+    with pytest.raises(InputError, match="h contains NaN"):
+        layer(P, q, G, h * float("nan"))
+    with pytest.raises(InputError, match="expected a floating-point torch.Tensor"):
+        layer(P, q.numpy(), G, h)

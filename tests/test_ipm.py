@@ -381,3 +381,65 @@ def test_verbose_prints_one_line_per_iteration(mu, capsys):
     assert len(rows) >= max(sol.iterations) + 1
     assert int(rows[0][-1]) == 3 and rows[-1][-1] == "0"
     assert float(rows[-1][3]) <= 1e-9 and float(rows[-1][5]) <= 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# The bounds form: diagonal P, one nonzero per inequality row (Schur complement on A_E)
+# ---------------------------------------------------------------------------------------------
+
+
+def bounds_problem(B, n, p, shared, lp=False, seed=0):
+    """min ½ xᵀdiag(d)x + cᵀx s.t. Ex = f, lo ≤ x ≤ hi written as rows −a x ≤ −a lo, a x ≤ a hi.
+
+    ``shared``: E and the bound rows are the same for every item (only c, f, d vary); otherwise
+    every item scales its bound rows by its own positive factors ``a``.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    E = rnd(1 if shared else B, p, n).expand(B, p, n)
+    x0 = torch.rand(B, n, generator=g, dtype=torch.float64)  # strictly inside [0, 1]
+    f = torch.einsum("bpn,bn->bp", E, x0)
+    a = (0.5 + torch.rand(1 if shared else B, 2 * n, generator=g, dtype=torch.float64)).expand(
+        B, 2 * n)
+    eye = torch.eye(n, dtype=torch.float64)
+    G = torch.cat([-eye, eye]).expand(B, 2 * n, n) * a.unsqueeze(-1)
+    h = torch.cat([torch.zeros(B, n, dtype=torch.float64), a[:, n:]], 1)
+    A, b = torch.cat([E, G], 1), torch.cat([f, h], 1)
+    c = rnd(B, n)
+    P = None if lp else torch.diag_embed(0.1 + torch.rand(B, n, generator=g, dtype=torch.float64))
+    return P, c, A, b
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "batched"])
+@pytest.mark.parametrize("lp", [False, True], ids=["qp", "lp"])
+def test_bounds_form_matches_clarabel(shared, lp):
+    n, p = 12, 4
+    data = bounds_problem(6, n, p, shared, lp=lp, seed=12)
+    sol = NativeIPM().solve(program(*data, p, 2 * n), {})
+    assert sol.differentiator._kkt.bounds
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    x, y, s = clarabel_reference(*data, p, 2 * n)
+    assert rel_err(sol.x, x) <= TOL_REF
+    assert rel_err(sol.s, s) <= TOL_REF
+    if not lp:  # LP duals need not be unique
+        assert rel_err(sol.y, y) <= TOL_REF
+
+
+@pytest.mark.parametrize("mu", [0.0, 1e-2])
+def test_bounds_form_derivative_solves_the_returned_points_system(mu):
+    n, p = 10, 3
+    P, c, A, b = bounds_problem(5, n, p, shared=False, seed=13)
+    sol = NativeIPM().solve(program(P, c, A, b, p, 2 * n), {"mu": mu})
+    assert sol.differentiator._kkt.bounds
+    m = p + 2 * n
+    D = torch.cat([torch.zeros(5, p, dtype=A.dtype), sol.s[:, p:] / sol.y[:, p:]], 1)
+    J = torch.cat([torch.cat([P, A.transpose(1, 2)], 2),
+                   torch.cat([A, torch.diag_embed(-D)], 2)], 1)
+    g = torch.Generator().manual_seed(14)
+    gx, gy = (torch.randn(5, k, generator=g, dtype=A.dtype) for k in (n, m))
+    l1, l2 = sol.differentiator.adjoint(gx, gy, torch.zeros_like(gy))
+    ref = torch.linalg.solve(J, -torch.cat([gx, gy], 1))
+    assert rel_err(torch.cat([l1, l2], 1), ref) <= TOL_SYSTEM

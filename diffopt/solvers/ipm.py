@@ -30,7 +30,10 @@ Linear algebra. Every Newton system is the quasidefinite KKT system
 
 solved through its regularized reduction ``H = P + δI + Aᵀ(D + δ)⁻¹A = LLᵀ`` (one batched
 Cholesky per iteration for the whole batch, ``n × n``), with iterative refinement against the
-unregularized ``K``. The derivative of the returned point uses the same matrix: for the
+unregularized ``K``. When ``P`` is diagonal and each inequality row has one nonzero (bounds,
+as in ``0 ≤ x ≤ 1``), the reduction goes one step further, to the Schur complement on the
+``p < n`` equality rows (``p × p``). Constraint matrices shared by the whole batch are stored
+once, so that each product is one matrix multiplication for the batch. The derivative of the returned point uses the same matrix: for the
 interior-point method the internal variables are ``(x, y)`` and ``s`` is tied to ``y`` by
 ``s ∘ y = μ`` (inequality rows), so ``∂s/∂y = −D`` and the Jacobian of the optimality conditions is
 exactly ``K`` at the returned point. The loop factors ``K`` at the current point *before* deciding
@@ -56,6 +59,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -137,11 +141,6 @@ def _bdot(u: Tensor, v: Tensor) -> Tensor:
     return (u * v).sum(dim=1)
 
 
-def _mv(M: Tensor, v: Tensor) -> Tensor:
-    """Batched matrix-vector product ``(B, r, k) @ (B, k) -> (B, r)``."""
-    return torch.bmm(M, v.unsqueeze(-1)).squeeze(-1)
-
-
 def _inf_norm(v: Tensor) -> Tensor:
     return v.abs().amax(dim=1) if v.shape[1] else v.new_zeros(v.shape[0])
 
@@ -166,66 +165,244 @@ def _boundary_step(v: Tensor, dv: Tensor) -> Tensor:
     return torch.where(dv < 0, v / -dv, math.inf).amin(dim=1)
 
 
+class _Matrix:
+    """A batch of ``(r, k)`` matrices, stored once when every item has the same one.
+
+    Vectors are rows: ``v`` is ``(B, k)`` or a stack ``(B, j, k)`` of ``j`` of them, and
+    ``mv(v) = v Mᵀ`` (i.e. ``M v`` per item), ``rmv(u) = u M`` (``Mᵀ u``). A shared matrix turns
+    every product of the batch into one GEMM instead of ``B`` small ones, the common case of
+    decision-focused LPs (only the cost varies).
+    """
+
+    def __init__(self, M: Tensor, shared: bool | None = None) -> None:
+        if shared is None:
+            shared = M.shape[0] == 1 or bool((M == M[:1]).all())
+        self.M = M[0].contiguous() if shared else M.contiguous()
+        self.MT = self.M.mT.contiguous()
+        self.shared = shared
+
+    @staticmethod
+    def from_pattern(values: Tensor, pattern: Any) -> _Matrix:
+        """The dense matrices of ``(B, nnz)`` values on a :class:`SparsePattern`."""
+        shared = values.shape[0] == 1 or bool((values == values[:1]).all())
+        if shared:
+            values = values[:1]
+        out = values.new_zeros(values.shape[0], *pattern.shape)
+        rows = torch.as_tensor(pattern.rows, device=out.device)
+        cols = torch.as_tensor(pattern.cols, device=out.device)
+        out[:, rows, cols] = values
+        return _Matrix(out, shared)
+
+    def to(self, dtype: torch.dtype) -> _Matrix:
+        out = _Matrix.__new__(_Matrix)
+        out.M, out.MT, out.shared = self.M.to(dtype), self.MT.to(dtype), self.shared
+        return out
+
+    @staticmethod
+    def _apply(v: Tensor, N: Tensor) -> Tensor:
+        if N.dim() == 2 or v.dim() == 3:
+            return v @ N
+        return (v.unsqueeze(1) @ N).squeeze(1)
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self._apply(v, self.MT)
+
+    def rmv(self, u: Tensor) -> Tensor:
+        return self._apply(u, self.M)
+
+    def dense(self, B: int) -> Tensor:
+        return self.M.expand(B, -1, -1) if self.shared else self.M
+
+
+class _Gram:
+    """``Aᵀ diag(w) A`` for a batch of weights ``w`` (``(B, m)``), ``(B, n·n)`` flattened.
+
+    With a sparse ``A`` (rows with few nonzeros, as in bound and flow constraints) the product
+    is a sum over the pairs of nonzeros that share a row, ``Σᵢ wᵢ A_ij A_ik → H_jk``: one gather
+    and one scatter-add over ``Σᵢ nnz(row i)²`` terms. Dense ``A`` uses a batched GEMM.
+    """
+
+    def __init__(self, A: _Matrix, B: int) -> None:
+        m, n = A.M.shape[-2:]
+        self.A, self.B, self.n = A, B, n
+        nz = A.M != 0
+        if not A.shared:
+            nz = nz.any(0)
+        rows, cols = (t.cpu().numpy() for t in torch.nonzero(nz, as_tuple=True))
+        counts = np.bincount(rows, minlength=m)
+        self.sparse = int((counts * counts).sum()) * 8 <= m * n * n
+        if not self.sparse:
+            return
+        # Pairs (e1, e2) of the nonzeros of each row (``rows`` is sorted: row-major order).
+        first = np.cumsum(counts) - counts
+        rep = counts[rows]
+        e1 = np.repeat(np.arange(rows.size), rep)
+        e2 = first[rows[e1]] + (np.arange(e1.size) - np.repeat(np.cumsum(rep) - rep, rep))
+        dev = A.M.device
+        self.row = torch.as_tensor(rows[e1], device=dev)
+        self.dst = torch.as_tensor(cols[e1] * n + cols[e2], device=dev)
+        r, c1, c2 = (torch.as_tensor(v, device=dev) for v in (rows[e1], cols[e1], cols[e2]))
+        self.V = A.M[..., r, c1] * A.M[..., r, c2]
+
+    def __call__(self, base: Tensor, w: Tensor) -> Tensor:
+        """``base + Aᵀ diag(w) A`` with ``base`` of shape ``(B, n·n)``."""
+        if self.sparse:
+            return base.index_add(1, self.dst, w[:, self.row] * self.V)
+        Aw = self.A.M * w.unsqueeze(-1)  # diag(w) A, (B, m, n)
+        if self.A.shared:
+            return base + (self.A.MT @ Aw).reshape(self.B, -1)
+        return torch.baddbmm(base.view(self.B, self.n, self.n), self.A.MT, Aw).view(self.B, -1)
+
+
+def _cholesky(H: Tensor, reg: float) -> tuple[Tensor, Tensor]:
+    """Batched Cholesky factor of ``H`` and the items where it failed."""
+    L, info = torch.linalg.cholesky_ex(H)
+    failed = info > 0
+    if bool(failed.any()):
+        # Rare: round-off made H indefinite. Retry those items with a larger shift; the
+        # refinement steps against the exact K still remove its effect on the solutions.
+        bump = failed.to(H.dtype) * (1e4 * reg) * H.diagonal(dim1=1, dim2=2).amax(1)
+        H.diagonal(dim1=1, dim2=2).add_(bump.unsqueeze(-1))
+        L, info = torch.linalg.cholesky_ex(H)
+        failed = info > 0
+    return L, failed
+
+
 class _KKT:
     """Factorization and solves of ``K = [[P, Aᵀ], [A, −D]]`` for a batch.
 
-    ``factor`` forms ``H = P + δI + Aᵀ(D + δ)⁻¹A`` and its Cholesky factor (a regularized,
-    quasidefinite version of ``K`` reduced to the ``x`` block); ``solve`` solves the regularized
-    system and refines against the exact ``K`` so that δ does not bias the answer.
+    ``solve`` solves the regularized, quasidefinite system
+    ``K_δ = [[P + δI, Aᵀ], [A, −(D + δ)]]`` and refines against the exact ``K`` so that δ does
+    not bias the answer. ``factor`` reduces ``K_δ`` to one symmetric positive definite matrix
+    and factors it, in one of two ways:
+
+    - general: eliminate every ``y``, ``H = P + δI + Aᵀ W A`` with ``W = (D + δ)⁻¹``
+      (``n × n``);
+    - bounds: when ``P`` is diagonal and every inequality row has at most one nonzero (bounds
+      such as ``0 ≤ x ≤ 1``), ``G = P + δI + A_Iᵀ W_I A_I`` is diagonal; eliminating ``y_I`` and
+      ``x`` leaves the Schur complement ``S = A_E G⁻¹ A_Eᵀ + δI`` on the ``p`` equality rows
+      (``p × p``; the equality rows no longer carry the ``1/δ`` weights of the general form),
+      used when ``p < n``.
+
+    Right-hand sides and solutions are stacks of row vectors, ``(B, k, n)`` and ``(B, k, m)``.
     """
 
-    def __init__(self, P: Tensor, A: Tensor, reg: float, has_P: bool,
+    def __init__(self, P: _Matrix | None, A: _Matrix, B: int, p: int, reg: float,
                  dtype: torch.dtype) -> None:
         # The linear algebra runs in ``dtype`` (the data's, or float64 for float32 data when
         # asked); vectors are cast on the way in and out of ``factor`` and ``solve``.
-        self.dtype, self.out_dtype = dtype, A.dtype
-        P, A = P.to(dtype), A.to(dtype)
-        self.P, self.A, self.At = P, A, A.transpose(1, 2).contiguous()
-        self.has_P = has_P
-        self.reg = reg
-        self.P_reg = P.clone()
-        self.P_reg.diagonal(dim1=1, dim2=2).add_(reg)
-        self.L = P.new_empty(P.shape)
-        self.D = A.new_zeros(A.shape[:2])
-        self.w = A.new_zeros(A.shape[:2])
+        self.dtype, self.out_dtype = dtype, A.M.dtype
+        same = dtype == A.M.dtype
+        self.A = A if same else A.to(dtype)
+        self.P = None if P is None else (P if same else P.to(dtype))
+        m, n = A.M.shape[-2:]
+        self.B, self.n, self.p, self.reg = B, n, p, reg
+        self.D = A.M.new_zeros(B, m, dtype=dtype)
+        self.w = self.D
+        self.bounds = p < n and self._bounds_form()
+        if self.bounds:
+            return
+        base = (self.P.dense(B) if self.P is not None
+                else A.M.new_zeros(1, n, n, dtype=dtype).expand(B, -1, -1))
+        self.base = base.reshape(B, n * n).clone()
+        self.base[:, :: n + 1] += reg
+        self.gram = _Gram(self.A, B)
+
+    def _bounds_form(self) -> bool:
+        """Set up the bounds form (see the class doc) if the structure allows it."""
+        M, p, n = self.A.M, self.p, self.n
+        if self.P is not None:
+            off = self.P.M - torch.diag_embed(self.P.M.diagonal(dim1=-2, dim2=-1))
+            if bool((off != 0).any()):
+                return False
+        nz = M[..., p:, :] != 0
+        if not self.A.shared:
+            nz = nz.any(0)
+        if nz.shape[0] and int(nz.sum(1).max()) > 1:
+            return False
+        # Inequality row i is a_i x_{j_i}; G = diag(P) + δ + Σ_i w_i a_i² e_{j_i}.
+        self.col = nz.to(torch.int8).argmax(1)
+        rows = torch.arange(p, M.shape[-2], device=M.device)
+        self.aI = M[..., rows, self.col]
+        if not self.A.shared:
+            self.aI = self.aI.unsqueeze(1)  # (B, 1, l): broadcasts over stacks of vectors
+        self.a2 = M[..., rows, self.col] ** 2
+        pdiag = 0.0 if self.P is None else self.P.M.diagonal(dim1=-2, dim2=-1)
+        self.gbase = (M.new_zeros(self.B, n) + pdiag + self.reg).contiguous()
+        self.AE = _Matrix(M[..., :p, :].expand(self.B, -1, -1)) if not self.A.shared else \
+            _Matrix(M[:p].unsqueeze(0))
+        ET = _Matrix(self.AE.MT.expand(self.B, -1, -1)) if not self.AE.shared else \
+            _Matrix(self.AE.MT.unsqueeze(0))
+        self.gram = _Gram(ET, self.B)
+        self.base = M.new_zeros(self.B, p * p)
+        self.base[:, :: p + 1] = self.reg
+        return True
 
     def factor(self, D: Tensor) -> Tensor:
         """Factor at the diagonal ``D`` (``(B, m)``, zero on equality rows); return failures."""
         self.D = D = D.to(self.dtype)
-        self.w = 1.0 / (D + self.reg)
-        H = torch.baddbmm(self.P_reg, self.At, self.A * self.w.unsqueeze(-1))
-        L, info = torch.linalg.cholesky_ex(H)
-        failed = info > 0
-        if bool(failed.any()):
-            # Rare: round-off made H indefinite. Retry those items with a larger shift; the
-            # refinement steps against the exact K still remove its effect on the solutions.
-            bump = failed.to(H.dtype) * (1e4 * self.reg) * H.diagonal(dim1=1, dim2=2).amax(1)
-            H.diagonal(dim1=1, dim2=2).add_(bump.unsqueeze(-1))
-            L, info = torch.linalg.cholesky_ex(H)
-            failed = info > 0
-        self.L = L
+        self.w = (D + self.reg).reciprocal()
+        if self.bounds:
+            p = self.p
+            wI = self.w[:, p:]
+            ginv = 1.0 / self.gbase.index_add(1, self.col, wI * self.a2)
+            # Broadcast over stacks of right-hand sides: (B, 1, ·).
+            self.wI, self.waI, self.ginv = wI.unsqueeze(1), (wI.unsqueeze(1) * self.aI), \
+                ginv.unsqueeze(1)
+            S = self.gram(self.base, ginv).view(self.B, p, p)
+            self.L, failed = _cholesky(S, self.reg)
+            return failed
+        H = self.gram(self.base, self.w).view(self.B, self.n, self.n)
+        self.L, failed = _cholesky(H, self.reg)
         return failed
 
     def _solve_reg(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
+        if self.bounds:
+            # y_I = W_I(A_I x − r2_I); G x + A_Eᵀ y_E = r1 + A_Iᵀ W_I r2_I =: r̃;
+            # S y_E = A_E G⁻¹ r̃ − r2_E; x = G⁻¹(r̃ − A_Eᵀ y_E).
+            p, wI, ginv = self.p, self.wI, self.ginv
+            r2E, r2I = r2[..., :p], r2[..., p:]
+            # A_I has one nonzero a_i per row, at column j_i: products are gathers/scatters.
+            rt = r1.index_add(-1, self.col, r2I * self.waI)
+            rhs = self.AE.mv(rt * ginv) - r2E
+            yE = torch.cholesky_solve(rhs.mT, self.L).mT
+            x = (rt - self.AE.rmv(yE)) * ginv
+            yI = (x.index_select(-1, self.col) * self.aI - r2I) * wI
+            return x, torch.cat((yE, yI), -1)
         # Eliminate y = (A x − r2)/(D + δ) from the regularized system, then H x = r1 + Aᵀ(r2 w).
-        rhs = torch.baddbmm(r1, self.At, r2 * self.w.unsqueeze(-1))
-        x = torch.linalg.solve_triangular(self.L, rhs, upper=False)
-        x = torch.linalg.solve_triangular(self.L.mT, x, upper=True)
-        y = torch.baddbmm(r2, self.A, x, beta=-1.0) * self.w.unsqueeze(-1)
+        w = self.w.unsqueeze(1)
+        rhs = r1 + self.A.rmv(r2 * w)
+        x = torch.cholesky_solve(rhs.mT, self.L).mT
+        y = (self.A.mv(x) - r2) * w
         return x, y
 
-    def solve(self, r1: Tensor, r2: Tensor, refine: int) -> tuple[Tensor, Tensor]:
-        """Solve ``K [x; y] = [r1; r2]`` for ``(B, n, k)``, ``(B, m, k)`` right-hand sides."""
-        r1, r2 = r1.to(self.dtype), r2.to(self.dtype)
+    def solve(self, r1: Tensor, r2: Tensor, refine: int,
+              exact: bool = True) -> tuple[Tensor, Tensor]:
+        """Solve ``K [x; y] = [r1; r2]`` for ``(B, k, n)``, ``(B, k, m)`` right-hand sides.
+
+        Each refinement step solves ``K_δ d = r − K u`` and adds ``d`` to ``u``. With ``exact``
+        the residual is computed from the data; otherwise it is taken as ``(K_δ − K) d_prev =
+        (δ dx, −δ dy)`` of the previous correction, which is what it equals up to the
+        round-off of the previous solve (no products with ``A`` or ``P``; used by the
+        iterations in the well-conditioned bounds form).
+        """
+        if r1.dtype != self.dtype:
+            r1, r2 = r1.to(self.dtype), r2.to(self.dtype)
         x, y = self._solve_reg(r1, r2)
+        dx, dy = x, y
         for _ in range(refine):
-            e1 = torch.baddbmm(r1, self.At, y, alpha=-1.0)
-            if self.has_P:
-                e1 = torch.baddbmm(e1, self.P, x, alpha=-1.0)
-            e2 = torch.baddbmm(r2, self.A, x, alpha=-1.0) + self.D.unsqueeze(-1) * y
+            if exact:
+                e1 = r1 - self.A.rmv(y)
+                if self.P is not None:
+                    e1 = e1 - self.P.mv(x)
+                e2 = torch.addcmul(r2 - self.A.mv(x), self.D.unsqueeze(1), y)
+            else:
+                e1, e2 = self.reg * dx, -self.reg * dy
             dx, dy = self._solve_reg(e1, e2)
             x, y = x + dx, y + dy
-        return x.to(self.out_dtype), y.to(self.out_dtype)
+        if x.dtype != self.out_dtype:
+            x, y = x.to(self.out_dtype), y.to(self.out_dtype)
+        return x, y
 
 
 class _IPMDifferentiator:
@@ -242,10 +419,9 @@ class _IPMDifferentiator:
 
     def _solve(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
         vec = r1.dim() == 2
-        if vec:
-            r1, r2 = r1.unsqueeze(-1), r2.unsqueeze(-1)
+        r1, r2 = (r1.unsqueeze(1), r2.unsqueeze(1)) if vec else (r1.mT, r2.mT)
         u1, u2 = self._kkt.solve(r1, r2, self._refine)
-        return (u1.squeeze(-1), u2.squeeze(-1)) if vec else (u1, u2)
+        return (u1.squeeze(1), u2.squeeze(1)) if vec else (u1.mT, u2.mT)
 
     def _ds_dy(self, v: Tensor) -> Tensor:
         """``(∂s/∂y) v = −D v`` (symmetric, so also the transpose)."""
@@ -316,7 +492,9 @@ class NativeIPM(Backend):
       ``torch.float32`` is faster on GPUs with slow float64 but fails more often on larger
       problems (``NUMERICAL_ERROR``).
     - ``refine``: iterative-refinement steps per Newton solve (default 1); the derivative
-      uses ``refine + 3``.
+      uses ``refine + 3``. In the bounds form (see the module doc) the iterations take the
+      residual of each refinement step from the regularization alone, ``(δ dx, −δ dy)``, with
+      no products with ``A``; the derivative always recomputes it from the data.
     - ``verbose``: print one line per iteration for the whole batch: the largest relative
       primal and dual residuals and duality gap and the largest barrier parameter ``μ`` over
       the items still running, and how many are still running (``hsde`` lines; with ``mu > 0``
@@ -371,25 +549,28 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     """The two-phase loop: HSDE predictor-corrector, then (for ``mu > 0``) barrier Newton."""
     c = program.c.detach()
     b = program.b.detach()
-    A = program.dense_A().detach()
-    P = program.dense_P().detach()
+    A = _Matrix.from_pattern(program.A_values.detach(), program.A_pattern)
+    P = _Matrix.from_pattern(program.P_values.detach(), program.P_pattern) if has_P else None
     B, n, m = c.shape[0], c.shape[1], b.shape[1]
     p, l = program.dims.zero, program.dims.nonneg
     tol, tol_inf, mu_t = float(opts["tol"]), float(opts["tol_infeas"]), float(opts["mu"])
     if l == 0:
         mu_t = 0.0  # no inequality: no barrier
-    refine, max_iters = opts["refine"], opts["max_iters"]
+    max_iters = opts["max_iters"]
 
     ineq = c.new_zeros(m)
     ineq[p:] = 1.0
     is_eq = ineq == 0
     kkt_dtype = opts["kkt_dtype"]
-    kkt = _KKT(P, A, float(opts["reg"]), has_P, kkt_dtype)
-    At = kkt.At if kkt_dtype == c.dtype else A.transpose(1, 2).contiguous()
+    kkt = _KKT(P, A, B, p, float(opts["reg"]), kkt_dtype)
+    refine = opts["refine"]
+
+    def kkt_solve(r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
+        return kkt.solve(r1, r2, refine, exact=not kkt.bounds)
     norm_b, norm_c = _inf_norm(b), _inf_norm(c)
 
     def Pmv(v: Tensor) -> Tensor:
-        return _mv(P, v) if has_P else torch.zeros_like(v)
+        return P.mv(v) if P is not None else torch.zeros_like(v)
 
     def inverse_z(z: Tensor) -> Tensor:
         # 1/z on inequality rows, 0 on equality rows (there s = 0 and z is free), so that
@@ -398,8 +579,8 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
 
     # ---- starting point: K(D = I on inequality rows) [x; z] = [−c; b], then shift into the cone.
     kkt.factor(ineq.expand(B, m))
-    x, z = kkt.solve(-c.unsqueeze(-1), b.unsqueeze(-1), refine)
-    x, z = x.squeeze(-1), z.squeeze(-1)
+    x, z = kkt_solve(-c.unsqueeze(1), b.unsqueeze(1))
+    x, z = x.squeeze(1), z.squeeze(1)
     s = -z * ineq
     s = s + ineq * torch.clamp(1.0 - s[:, p:].amin(1, keepdim=True), min=0.0) if l else s
     z = z + ineq * torch.clamp(1.0 - z[:, p:].amin(1, keepdim=True), min=0.0) if l else z
@@ -419,7 +600,7 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
         mu0 = (ws * wy * ineq).sum(1) / max(l, 1)
         kappa = torch.where(ok, torch.clamp(mu0, min=torch.finfo(c.dtype).eps), kappa)
 
-    code = torch.full((B,), _RUNNING, dtype=torch.int8, device=c.device)
+    code = torch.full((B,), _RUNNING, dtype=torch.int64, device=c.device)
     iters = torch.zeros(B, dtype=torch.int64, device=c.device)
     verbose = bool(opts["verbose"])
     if verbose:
@@ -427,42 +608,57 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
               "columns: maxima over the running items of the relative residuals and gap")
 
     # ---- phase 1: Mehrotra predictor-corrector on the homogeneous embedding.
+    # s is zero on equality rows throughout (so are zinv, D and every ds), so products with s
+    # need no mask.
+    zero = c.new_zeros(B)
     for k in range(max_iters + 1):
-        Px, Atz, Ax = Pmv(x), _mv(At, z), _mv(A, x)
-        xPx, cx, bz = _bdot(x, Px), _bdot(c, x), _bdot(b, z)
-        rx = torch.addcmul(Px + Atz, c, tau.unsqueeze(1))
-        rz = torch.addcmul(Ax + s, b, tau.unsqueeze(1), value=-1.0)
-        rtau = kappa + cx + bz + xPx / tau
-        sz = _bdot(s, z * ineq)
+        Atz, Ax = A.rmv(z), A.mv(x)
+        t1 = tau.unsqueeze(1)
+        cx, bz, sz = _bdot(c, x), _bdot(b, z), _bdot(s, z)
+        rz = torch.addcmul(Ax + s, b, t1, value=-1.0)
+        if P is None:
+            Px, xPx_t = None, zero
+            rx = torch.addcmul(Atz, c, t1)
+            n_rz, n_Ax, n_s, n_Axs = _inf_norms(torch.stack((rz, Ax, s, Ax + s), 1)).unbind(1)
+            n_rx, n_Atz = _inf_norms(torch.stack((rx, Atz), 1)).unbind(1)
+            n_Px = zero
+        else:
+            Px = P.mv(x)
+            xPx_t = _bdot(x, Px) / tau
+            rx = torch.addcmul(Px + Atz, c, t1)
+            n_rz, n_Ax, n_s, n_Axs = _inf_norms(torch.stack((rz, Ax, s, Ax + s), 1)).unbind(1)
+            n_rx, n_Px, n_Atz = _inf_norms(torch.stack((rx, Px, Atz), 1)).unbind(1)
+        rtau = kappa + cx + bz + xPx_t
         mu = (sz + tau * kappa) / (l + 1)
 
         # Convergence tests on the normalized point (x, z, s)/τ, and certificate tests.
-        n_rz, n_Ax, n_s, n_Axs = _inf_norms(torch.stack((rz, Ax, s, Ax + s), 1)).unbind(1)
-        n_rx, n_Px, n_Atz = _inf_norms(torch.stack((rx, Px, Atz), 1)).unbind(1)
         pscale = torch.maximum(norm_b * tau, torch.maximum(n_Ax, n_s)) + tau
         dscale = torch.maximum(norm_c * tau, torch.maximum(n_Px, n_Atz)) + tau
-        feasible = (n_rz <= tol * pscale) & (n_rx <= tol * dscale)
+        # pobj − dobj = (xᵀPx/τ + cᵀx + bᵀz)/τ, relative to max(min(|pobj|, |dobj|), 1).
+        pobj = (0.5 * xPx_t + cx) / tau
+        gap = (xPx_t + cx + bz) / tau
+        rel_gap = gap.abs() / torch.clamp(torch.minimum(pobj.abs(), (pobj - gap).abs()), min=1.0)
         if mu_t > 0:
             # Hand over to the barrier Newton phase near the μ-central path.
-            near = sz <= (10.0 * mu_t * l) * tau * tau
-            done = near & (n_rz <= 1e-2 * pscale) & (n_rx <= 1e-2 * dscale)
-            new_code = torch.where(done, _CENTERING, _RUNNING)
-        pobj = (0.5 * xPx / tau + cx) / tau
-        dobj = (-0.5 * xPx / tau - bz) / tau
-        rel_gap = (pobj - dobj).abs() / torch.clamp(torch.minimum(pobj.abs(), dobj.abs()), min=1.0)
-        if mu_t == 0:
-            new_code = torch.where(feasible & (rel_gap <= tol), _OPTIMAL, _RUNNING)
-        unbounded = (cx < 0) & (n_Px <= tol_inf * -cx) & (n_Axs <= tol_inf * -cx)
-        new_code = torch.where((new_code == _RUNNING) & unbounded, _UNBOUNDED, new_code)
-        infeasible = (bz < 0) & (n_Atz <= tol_inf * -bz)
-        new_code = torch.where((new_code == _RUNNING) & infeasible, _INFEASIBLE, new_code)
-        new_code = torch.where(torch.isfinite(mu + n_rz + n_rx + rtau), new_code, _NUMERICAL)
+            done = ((sz <= (10.0 * mu_t * l) * tau * tau) & (n_rz <= 1e-2 * pscale)
+                    & (n_rx <= 1e-2 * dscale))
+            new_code = done * _CENTERING
+        else:
+            done = (n_rz <= tol * pscale) & (n_rx <= tol * dscale) & (rel_gap <= tol)
+            new_code = done * _OPTIMAL
+        # Certificates (only for items not done): unbounded, else infeasible. The codes are
+        # exclusive, so their sum is the new state (_RUNNING = 0 where none holds).
+        unbounded = (cx < 0) & (torch.maximum(n_Px, n_Axs) <= tol_inf * -cx) & ~done
+        infeasible = (bz < 0) & (n_Atz <= tol_inf * -bz) & ~done & ~unbounded
+        new_code = new_code + unbounded * _UNBOUNDED + infeasible * _INFEASIBLE
+        bad = ~torch.isfinite(mu + n_rz + n_rx + rtau)
 
         zinv = inverse_z(z)
         D = s * zinv
-        new_code = torch.where(kkt.factor(D), _NUMERICAL, new_code)
+        bad |= kkt.factor(D)
+        new_code = torch.where(bad, _NUMERICAL, new_code)
         live = code == _RUNNING
-        code = torch.where(live, new_code.to(code.dtype), code)
+        code = torch.where(live, new_code, code)
         active = code == _RUNNING
         if verbose:
             _log_iteration("hsde", k, live, n_rz / pscale, n_rx / dscale, rel_gap, mu / tau**2,
@@ -472,17 +668,18 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
         iters += active
 
         # Predictor: the affine direction and the shared solve K [x1; z1] = [−c; b].
-        xi = x / tau.unsqueeze(1)
-        g = torch.addcmul(c, Px, 2.0 / tau.unsqueeze(1))  # ∇ₓ(cᵀx + xᵀPx/τ) at ξ = x/τ
-        r1 = torch.stack((-c, -rx), dim=2)
-        r2 = torch.stack((b, s - rz), dim=2)  # d_s/z = s on inequality rows, 0 on equalities
-        u1, u2 = kkt.solve(r1, r2, refine)
-        x1, z1 = u1[..., 0], u2[..., 0]
-        x2, z2 = u1[..., 1], u2[..., 1]
+        r1 = torch.stack((-c, -rx), dim=1)
+        r2 = torch.stack((b, s - rz), dim=1)  # d_s/z = s on inequality rows, 0 on equalities
+        u1, u2 = kkt_solve(r1, r2)
+        x1, x2 = u1.unbind(1)
+        z1, z2 = u2.unbind(1)
         den = -_bdot(z1, D * z1) - kappa / tau  # < 0: the τ-equation's pivot
-        if has_P:
-            e = x1 - xi
-            den = den - _bdot(e, _mv(P, e))
+        if P is None:
+            g = c
+        else:
+            g = torch.addcmul(c, Px, 2.0 / t1)  # ∇ₓ(cᵀx + xᵀPx/τ) at ξ = x/τ
+            e = x1 - x / t1
+            den = den - _bdot(e, P.mv(e))
         cone = torch.cat((s[:, p:], z[:, p:], tau.unsqueeze(1), kappa.unsqueeze(1)), 1)
 
         def direction(
@@ -491,26 +688,26 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
             # Back-substitution of dτ, then (dx, dz) = (x2, z2) + dτ (x1, z1), ds and dκ;
             # returns them with the largest step that keeps (s, z, τ, κ) in the cone.
             dt = (d_kap / tau - d_tau - _bdot(g, x2) - _bdot(b, z2)) / den
-            dz = torch.addcmul(z2, dt.unsqueeze(1), z1)
-            dx = torch.addcmul(x2, dt.unsqueeze(1), x1)
-            ds = -(d_s * zinv + D * dz)
+            dt1 = dt.unsqueeze(1)
+            dz = torch.addcmul(z2, dt1, z1)
+            dx = torch.addcmul(x2, dt1, x1)
+            ds = -torch.addcmul(d_s * zinv, D, dz)
             dk = -(d_kap + kappa * dt) / tau
-            dcone = torch.cat((ds[:, p:], dz[:, p:], dt.unsqueeze(1), dk.unsqueeze(1)), 1)
-            ratio = _boundary_step(cone, dcone)
-            return dx, dz, ds, dt, dk, ratio
+            dcone = torch.cat((ds[:, p:], dz[:, p:], dt1, dk.unsqueeze(1)), 1)
+            return dx, dz, ds, dt, dk, _boundary_step(cone, dcone)
 
-        dx, dz, ds, dt, dk, ratio = direction(x2, z2, rtau, s * z * ineq, tau * kappa)
+        dx, dz, ds, dt, dk, ratio = direction(x2, z2, rtau, s * z, tau * kappa)
         sigma = (1.0 - torch.clamp(ratio, max=1.0)) ** 3
         target = torch.maximum(sigma * mu, mu_t * tau * tau)
 
         # Corrector: Mehrotra's second-order term and centering toward σμ.
         eta = 1.0 - sigma
-        d_s = (s * z + ds * dz - target.unsqueeze(1)) * ineq
+        d_s = torch.addcmul(s * z, ds, dz) - target.unsqueeze(1) * ineq
         d_kap = tau * kappa + dt * dk - target
         r2 = torch.addcmul(d_s * zinv, eta.unsqueeze(1), rz, value=-1.0)
-        u1, u2 = kkt.solve((-eta.unsqueeze(1) * rx).unsqueeze(-1), r2.unsqueeze(-1), refine)
+        u1, u2 = kkt_solve((-eta.unsqueeze(1) * rx).unsqueeze(1), r2.unsqueeze(1))
         dx, dz, ds, dt, dk, ratio = direction(
-            u1.squeeze(-1), u2.squeeze(-1), eta * rtau, d_s, d_kap
+            u1.squeeze(1), u2.squeeze(1), eta * rtau, d_s, d_kap
         )
         alpha = torch.where(active, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
         a1 = alpha.unsqueeze(1)
@@ -525,7 +722,7 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     if mu_t > 0 and bool(centering.any()):
         code = torch.where(centering, _RUNNING, code)
         for k in range(max_iters + 1):
-            Px, Atz, Ax = Pmv(x), _mv(At, z), _mv(A, x)
+            Px, Atz, Ax = Pmv(x), A.rmv(z), A.mv(x)
             r1 = Px + Atz + c
             r2 = Ax + s - b
             rc = (s * z - mu_t) * ineq
@@ -550,8 +747,8 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
                 break
             iters += active
             # y∘ds + s∘dy = −rc gives ds = −rc/y − D dy, so K [dx; dy] = [−r1; rc/y − r2].
-            u1, u2 = kkt.solve((-r1).unsqueeze(-1), (rc * zinv - r2).unsqueeze(-1), refine)
-            dx, dz = u1.squeeze(-1), u2.squeeze(-1)
+            u1, u2 = kkt_solve((-r1).unsqueeze(1), (rc * zinv - r2).unsqueeze(1))
+            dx, dz = u1.squeeze(1), u2.squeeze(1)
             ds = -(rc * zinv + D * dz)
             ratio = _boundary_step(torch.cat((s[:, p:], z[:, p:]), 1),
                                    torch.cat((ds[:, p:], dz[:, p:]), 1))
@@ -565,8 +762,8 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     x = torch.where(ok, x, nan(x, math.nan))
     z = torch.where(ok, z, nan(z, math.nan))
     s = torch.where(ok, s, nan(s, math.nan))
-    pres = _inf_norm(_mv(A, x) + s - b)
-    dres = _inf_norm(Pmv(x) + _mv(At, z) + c)
+    pres = _inf_norm(A.mv(x) + s - b)
+    dres = _inf_norm(Pmv(x) + A.rmv(z) + c)
     gap = _bdot(s, z).abs()
     status = [_CODE_STATUS[int(v)] for v in code.tolist()]
     sol = Solution(

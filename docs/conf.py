@@ -7,7 +7,9 @@ Build (from the repository root, warnings are errors)::
 
 from __future__ import annotations
 
+import filecmp
 import os
+import shutil
 import sys
 
 # Import diffopt from this checkout, so the docs build without installing the package.
@@ -26,10 +28,12 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "sphinx_gallery.gen_gallery",
 ]
 
 # No network access at build time: no intersphinx.
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "gallery_src", "auto_examples/*.ipynb",
+                    "auto_examples/*.py"]
 templates_path: list[str] = []
 root_doc = "index"
 language = "en"
@@ -63,3 +67,60 @@ pygments_dark_style = "monokai"
 # MathJax is loaded from its CDN by the reader's browser; nothing is fetched at build time.
 # For offline reading, point it at a local copy, e.g.
 #   -D mathjax_path=file:///usr/share/javascript/mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML
+
+
+# -- Example gallery (sphinx-gallery) ----------------------------------------------------------
+# The fast examples, ``examples/plot_*.py``, are executed at every build and their figures rendered
+# in ``auto_examples/`` (generated, not committed). sphinx-gallery wants a header file next to the
+# scripts; it lives in ``docs/gallery_src/GALLERY_HEADER.rst``, and the scripts are copied there
+# from ``examples/`` (the copies are ignored by git, see ``docs/.gitignore``).
+_here = os.path.dirname(os.path.abspath(__file__))
+_examples = os.path.join(_here, "..", "examples")
+_gallery_src = os.path.join(_here, "gallery_src")
+_scripts = sorted(f for f in os.listdir(_examples) if f.startswith("plot_") and f.endswith(".py"))
+for _old in os.listdir(_gallery_src):
+    if _old.endswith(".py") and _old not in _scripts:
+        os.remove(os.path.join(_gallery_src, _old))
+for _name in _scripts:
+    _src, _dst = os.path.join(_examples, _name), os.path.join(_gallery_src, _name)
+    if not (os.path.exists(_dst) and filecmp.cmp(_src, _dst, shallow=False)):
+        shutil.copy2(_src, _dst)
+
+sphinx_gallery_conf = {
+    "examples_dirs": "gallery_src",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r"/plot_",  # execute the plot_*.py scripts (the only ones copied)
+    "ignore_pattern": r"__init__\.py",
+    "download_all_examples": False,
+    "image_scrapers": ("matplotlib",),
+    "matplotlib_animations": False,
+    "abort_on_example_error": True,  # a failing example fails the build
+    "show_memory": False,
+    "min_reported_time": 0,
+    "write_computation_times": True,
+    "remove_config_comments": True,
+}
+
+
+# -- Public names ------------------------------------------------------------------------------
+# Docstrings refer to classes by their defining module (``diffopt.solve.SolveInfo``,
+# ``diffopt.diff.smoothing.Exact``, or ``Exact`` inside that module), while the API reference
+# documents them under their public, top-level names (``diffopt.SolveInfo``, ``diffopt.Exact``).
+# Resolve such references to the public name when the defining-module target is not documented.
+def _resolve_public_name(app, env, node, contnode):
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    name = target.rsplit(".", 1)[-1]
+    import diffopt.bilevel
+
+    for public, module in ((f"diffopt.{name}", diffopt), (f"diffopt.bilevel.{name}", diffopt.bilevel)):
+        if public != target and name in getattr(module, "__all__", ()):
+            py = env.get_domain("py")
+            return py.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], public,
+                                   node, contnode)
+    return None
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_public_name)

@@ -63,7 +63,7 @@ class CvxpyLayer(nn.Module):
         >>> sol.detach().round(decimals=6)
         tensor([1., 0.], dtype=torch.float64)
         >>> sol.sum().backward()
-        >>> a_t.grad
+        >>> a_t.grad.round(decimals=6) + 0.0
         tensor([1., 0.], dtype=torch.float64)
     """
 

@@ -97,7 +97,9 @@ class _Call:
         if self._diff is None:
             self._diff = KKTDifferentiator(self.program, self.x, self.y, self.s, self.ok, self.kkt)
         if self.info is not None:
-            self.info.degenerate = [bool(d) for d in getattr(self._diff, "degenerate", [])]
+            flags = getattr(self._diff, "degenerate", None)  # backends may not flag items
+            self.info.degenerate = ([False] * len(self.info.status) if flags is None
+                                    else [bool(d) for d in flags])
         return self._diff
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import weakref
 from collections.abc import Callable
 
@@ -435,16 +433,6 @@ def test_error_when_fn_ignores_part_of_w(ridge: Ridge) -> None:
 def test_strategy_and_meta_errors(make: Callable[[], object], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         make()
-
-
-MODULES = ["_params", "optimizers", "linear_solve", "strategies", "implicit", "minimize", "maml"]
-
-
-@pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(f"diffopt.bilevel.{name}")
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
 
 
 @pytest.mark.slow

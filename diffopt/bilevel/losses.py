@@ -131,6 +131,16 @@ def perturbed_fenchel_young(pred_cost, true_sol, oracle: Oracle, sigma: float = 
         samples: Monte-Carlo samples per item.
         seed: seed of the perturbations (None: fresh each call).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Examples:
+        >>> import torch
+        >>> oracle = lambda c: torch.nn.functional.one_hot(c.argmin(1), c.shape[1]).to(c)
+        >>> target = torch.tensor([[1.0, 0.0, 0.0]])
+        >>> c_hat = torch.tensor([[3.0, 2.0, 1.0]], requires_grad=True)
+        >>> loss = perturbed_fenchel_young(c_hat, target, oracle, sigma=0.1, samples=4, seed=0)
+        >>> loss.backward()
+        >>> c_hat.grad  # x_true − mean perturbed solution: lower ĉ₁, raise ĉ₃
+        tensor([[ 1.,  0., -1.]])
     """
     _check(pred_cost, true_sol=true_sol)
     if not sigma > 0 or not (isinstance(samples, int) and samples >= 1):
@@ -140,14 +150,30 @@ def perturbed_fenchel_young(pred_cost, true_sol, oracle: Oracle, sigma: float = 
 
 
 def regret(pred_cost, true_cost, true_obj, oracle: Oracle) -> torch.Tensor:
-    """Per-item regret ``cᵀx*(ĉ) − z*(c)`` of deciding with the predicted costs, ``(B,)``."""
+    """Per-item regret ``cᵀx*(ĉ) − z*(c)`` of deciding with the predicted costs, ``(B,)``.
+
+    Examples:
+        >>> import torch
+        >>> oracle = lambda c: torch.nn.functional.one_hot(c.argmin(1), c.shape[1]).to(c)
+        >>> c = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> regret(torch.tensor([[3.0, 2.0, 1.0]]), c, torch.tensor([1.0]), oracle)
+        tensor([2.])
+    """
     _check(pred_cost, true_cost=true_cost, true_obj=true_obj)
     x_hat = _solve(oracle, pred_cost.detach())
     return (true_cost * x_hat).sum(1) - true_obj
 
 
 def normalized_regret(pred_cost, true_cost, true_obj, oracle: Oracle) -> torch.Tensor:
-    """``Σ regret / Σ |z*(c)|`` over the batch (PyEPO's normalized regret), a scalar."""
+    """``Σ regret / Σ |z*(c)|`` over the batch (PyEPO's normalized regret), a scalar.
+
+    Examples:
+        >>> import torch
+        >>> oracle = lambda c: torch.nn.functional.one_hot(c.argmin(1), c.shape[1]).to(c)
+        >>> c = torch.tensor([[1.0, 2.0, 3.0], [2.0, 1.0, 4.0]])
+        >>> normalized_regret(c.flip(1), c, torch.tensor([1.0, 1.0]), oracle)
+        tensor(1.)
+    """
     return regret(pred_cost, true_cost, true_obj, oracle).sum() / true_obj.abs().sum()
 
 

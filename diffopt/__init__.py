@@ -1,7 +1,7 @@
 """diffopt: differentiable convex optimization layers and bi-level learning for PyTorch."""
 
 from diffopt import bilevel
-from diffopt.diff import LPGD, Exact, LogBarrier, Perturbed, QuadraticSmoothing
+from diffopt.diff import LPGD, Exact, LogBarrier, Perturbed, QuadraticSmoothing, UnrolledIPM
 from diffopt.errors import DegenerateWarning, DiffoptError, InputError, ProblemError, SolverError
 from diffopt.layers import CvxpyLayer, QPLayer
 from diffopt.solve import SolveInfo
@@ -16,6 +16,7 @@ __all__ = [
     "LogBarrier",
     "Perturbed",
     "QuadraticSmoothing",
+    "UnrolledIPM",
     "DegenerateWarning",
     "DiffoptError",
     "InputError",

@@ -9,6 +9,7 @@ from diffopt.diff.smoothing import (
     Perturbed,
     QuadraticSmoothing,
 )
+from diffopt.diff.unroll import UnrolledIPM
 
 __all__ = ["LPGD", "Exact", "GradientMode", "KKTDifferentiator", "LogBarrier", "Perturbed",
-           "QuadraticSmoothing"]
+           "QuadraticSmoothing", "UnrolledIPM"]

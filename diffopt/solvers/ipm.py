@@ -33,10 +33,12 @@ Cholesky per iteration for the whole batch, ``n × n``), with iterative refineme
 unregularized ``K``. When ``P`` is diagonal and each inequality row has one nonzero (bounds,
 as in ``0 ≤ x ≤ 1``), the reduction goes one step further, to the Schur complement on the
 ``p < n`` equality rows (``p × p``). Constraint matrices shared by the whole batch are stored
-once, so that each product is one matrix multiplication for the batch. The derivative of the returned point uses the same matrix: for the
-interior-point method the internal variables are ``(x, y)`` and ``s`` is tied to ``y`` by
-``s ∘ y = μ`` (inequality rows), so ``∂s/∂y = −D`` and the Jacobian of the optimality conditions is
-exactly ``K`` at the returned point. The loop factors ``K`` at the current point *before* deciding
+once, so that each product is one matrix multiplication for the batch.
+
+The derivative of the returned point uses the same matrix: for the interior-point method the
+internal variables are ``(x, y)`` and ``s`` is tied to ``y`` by ``s ∘ y = μ`` (inequality
+rows), so ``∂s/∂y = −D`` and the Jacobian of the optimality conditions is exactly ``K`` at the
+returned point. The loop factors ``K`` at the current point *before* deciding
 to stop, so the factorization kept for the backward pass is the one of the returned point's
 system (no refactorization).
 
@@ -162,7 +164,10 @@ def _log_iteration(phase: str, k: int, live: Tensor, pres: Tensor, dres: Tensor,
 
 def _boundary_step(v: Tensor, dv: Tensor) -> Tensor:
     """Largest ``α`` with ``v + α dv ≥ 0`` per item (``inf`` when nothing decreases)."""
-    return torch.where(dv < 0, v / -dv, math.inf).amin(dim=1)
+    neg = dv < 0
+    # The inner where keeps the division finite where it is not taken, so that its gradient
+    # stays finite too when the iterations are differentiated.
+    return torch.where(neg, v / torch.where(neg, -dv, 1.0), math.inf).amin(dim=1)
 
 
 class _Matrix:
@@ -184,7 +189,10 @@ class _Matrix:
     @staticmethod
     def from_pattern(values: Tensor, pattern: Any) -> _Matrix:
         """The dense matrices of ``(B, nnz)`` values on a :class:`SparsePattern`."""
-        shared = values.shape[0] == 1 or bool((values == values[:1]).all())
+        # Not when recording gradients: each item's values must get its own gradient.
+        shared = values.shape[0] == 1 or (
+            not (values.requires_grad and torch.is_grad_enabled())
+            and bool((values == values[:1]).all()))
         if shared:
             values = values[:1]
         out = values.new_zeros(values.shape[0], *pattern.shape)
@@ -329,10 +337,10 @@ class _KKT:
         self.a2 = M[..., rows, self.col] ** 2
         pdiag = 0.0 if self.P is None else self.P.M.diagonal(dim1=-2, dim2=-1)
         self.gbase = (M.new_zeros(self.B, n) + pdiag + self.reg).contiguous()
-        self.AE = _Matrix(M[..., :p, :].expand(self.B, -1, -1)) if not self.A.shared else \
-            _Matrix(M[:p].unsqueeze(0))
-        ET = _Matrix(self.AE.MT.expand(self.B, -1, -1)) if not self.AE.shared else \
-            _Matrix(self.AE.MT.unsqueeze(0))
+        shared = self.A.shared
+        lead = (lambda t: t.unsqueeze(0)) if shared else (lambda t: t)
+        self.AE = _Matrix(lead(M[..., :p, :]), shared)
+        ET = _Matrix(lead(self.AE.MT), shared)
         self.gram = _Gram(ET, self.B)
         self.base = M.new_zeros(self.B, p * p)
         self.base[:, :: p + 1] = self.reg
@@ -538,19 +546,62 @@ class NativeIPM(Backend):
             )
         opts = _options(options, program.c.dtype)
         with torch.no_grad():
-            out, kkt = _solve(program, opts, quadratic)
+            out, kkt, _ = _solve(program, opts, quadratic)
         out.differentiator = _IPMDifferentiator(kkt, opts["refine"] + 3)
         elapsed = (time.perf_counter() - start) / max(program.batch_size, 1)
         out.solve_time = [elapsed] * program.batch_size
         return out
 
+    def solve_unrolled(self, program: ConeProgram, options: dict,
+                       last: int | None = None) -> Solution:
+        """Solve while autograd records the iterations, for backpropagation through them.
 
-def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Solution, _KKT]:
-    """The two-phase loop: HSDE predictor-corrector, then (for ``mu > 0``) barrier Newton."""
-    c = program.c.detach()
-    b = program.b.detach()
-    A = _Matrix.from_pattern(program.A_values.detach(), program.A_pattern)
-    P = _Matrix.from_pattern(program.P_values.detach(), program.P_pattern) if has_P else None
+        The returned ``x, y, s`` are differentiable functions of the program's tensors
+        through the iterations themselves (no implicit differentiation, no differentiator).
+        With ``last = k`` only the final ``k`` iterations of the embedding are recorded: the
+        loop first runs without recording to find its iteration count ``T``, then re-runs
+        iterations ``T − k + 1 … T`` with recording from the detached iterate ``T − k``
+        (identical steps, so identical results); memory grows like ``k`` instead of ``T``. The
+        centering phase of ``mu > 0`` is always recorded.
+        """
+        start = time.perf_counter()
+        quadratic = program.P_pattern is not None and program.P_values is not None
+        reason = self.supports(program.dims, quadratic)
+        if reason is not None:
+            raise ValueError(f"NativeIPM: {reason}; use solver='clarabel' for other cones.")
+        opts = _options(options, program.c.dtype)
+        resume = None
+        if last is not None:
+            with torch.no_grad():
+                _, _, states = _solve(program, opts, quadratic, keep=True)
+            T = len(states) - 1
+            if last < T:
+                resume = tuple(t.detach() for t in states[T - last])
+                opts = {**opts, "max_iters": opts["max_iters"] - (T - last),
+                        "warm_start": None}
+        with torch.enable_grad():
+            out, _, _ = _solve(program, opts, quadratic, resume=resume)
+        elapsed = (time.perf_counter() - start) / max(program.batch_size, 1)
+        out.solve_time = [elapsed] * program.batch_size
+        return out
+
+
+_State = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _solve(
+    program: ConeProgram, opts: dict[str, Any], has_P: bool, keep: bool = False,
+    resume: _State | None = None,
+) -> tuple[Solution, _KKT, list[_State]]:
+    """The two-phase loop: HSDE predictor-corrector, then (for ``mu > 0``) barrier Newton.
+
+    Records a graph when called with gradients enabled. ``keep`` returns the phase-1 state
+    ``(x, z, s, τ, κ, code, iters)`` at the start of every iteration; ``resume`` starts from
+    one of them instead of the starting point.
+    """
+    c, b = program.c, program.b
+    A = _Matrix.from_pattern(program.A_values, program.A_pattern)
+    P = _Matrix.from_pattern(program.P_values, program.P_pattern) if has_P else None
     B, n, m = c.shape[0], c.shape[1], b.shape[1]
     p, l = program.dims.zero, program.dims.nonneg
     tol, tol_inf, mu_t = float(opts["tol"]), float(opts["tol_infeas"]), float(opts["mu"])
@@ -578,30 +629,33 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
         return ineq / torch.where(is_eq, 1.0, z)
 
     # ---- starting point: K(D = I on inequality rows) [x; z] = [−c; b], then shift into the cone.
-    kkt.factor(ineq.expand(B, m))
-    x, z = kkt_solve(-c.unsqueeze(1), b.unsqueeze(1))
-    x, z = x.squeeze(1), z.squeeze(1)
-    s = -z * ineq
-    s = s + ineq * torch.clamp(1.0 - s[:, p:].amin(1, keepdim=True), min=0.0) if l else s
-    z = z + ineq * torch.clamp(1.0 - z[:, p:].amin(1, keepdim=True), min=0.0) if l else z
-    tau = c.new_ones(B)
-    kappa = c.new_ones(B)
-    warm = _warm_point(opts["warm_start"], n, m, c)
-    if warm is not None:
-        wx, wy, ws = warm
-        ok = torch.isfinite(wx).all(1) & torch.isfinite(wy).all(1) & torch.isfinite(ws).all(1)
-        shift = _WARM_SHIFT * (1.0 + torch.maximum(_inf_norm(ws), _inf_norm(wy))).unsqueeze(1)
-        ws = torch.where(is_eq, torch.zeros_like(ws), torch.maximum(ws, shift))
-        wy = torch.where(is_eq, wy, torch.maximum(wy, shift))
-        okc = ok.unsqueeze(1)
-        x = torch.where(okc, wx, x)
-        z = torch.where(okc, wy, z)
-        s = torch.where(okc, ws, s)
-        mu0 = (ws * wy * ineq).sum(1) / max(l, 1)
-        kappa = torch.where(ok, torch.clamp(mu0, min=torch.finfo(c.dtype).eps), kappa)
+    if resume is not None:
+        x, z, s, tau, kappa, code, iters = resume
+    else:
+        kkt.factor(ineq.expand(B, m))
+        x, z = kkt_solve(-c.unsqueeze(1), b.unsqueeze(1))
+        x, z = x.squeeze(1), z.squeeze(1)
+        s = -z * ineq
+        s = s + ineq * torch.clamp(1.0 - s[:, p:].amin(1, keepdim=True), min=0.0) if l else s
+        z = z + ineq * torch.clamp(1.0 - z[:, p:].amin(1, keepdim=True), min=0.0) if l else z
+        tau = c.new_ones(B)
+        kappa = c.new_ones(B)
+        warm = _warm_point(opts["warm_start"], n, m, c)
+        if warm is not None:
+            wx, wy, ws = warm
+            ok = torch.isfinite(wx).all(1) & torch.isfinite(wy).all(1) & torch.isfinite(ws).all(1)
+            shift = _WARM_SHIFT * (1.0 + torch.maximum(_inf_norm(ws), _inf_norm(wy))).unsqueeze(1)
+            ws = torch.where(is_eq, torch.zeros_like(ws), torch.maximum(ws, shift))
+            wy = torch.where(is_eq, wy, torch.maximum(wy, shift))
+            okc = ok.unsqueeze(1)
+            x = torch.where(okc, wx, x)
+            z = torch.where(okc, wy, z)
+            s = torch.where(okc, ws, s)
+            mu0 = (ws * wy * ineq).sum(1) / max(l, 1)
+            kappa = torch.where(ok, torch.clamp(mu0, min=torch.finfo(c.dtype).eps), kappa)
 
-    code = torch.full((B,), _RUNNING, dtype=torch.int64, device=c.device)
-    iters = torch.zeros(B, dtype=torch.int64, device=c.device)
+        code = torch.full((B,), _RUNNING, dtype=torch.int64, device=c.device)
+        iters = torch.zeros(B, dtype=torch.int64, device=c.device)
     verbose = bool(opts["verbose"])
     if verbose:
         print(f"NativeIPM: {B} problem(s), n={n}, {p} equality and {l} inequality rows; "
@@ -611,7 +665,10 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
     # s is zero on equality rows throughout (so are zinv, D and every ds), so products with s
     # need no mask.
     zero = c.new_zeros(B)
+    states: list[_State] = []
     for k in range(max_iters + 1):
+        if keep:
+            states.append((x, z, s, tau, kappa, code, iters.clone()))
         Atz, Ax = A.rmv(z), A.mv(x)
         t1 = tau.unsqueeze(1)
         cx, bz, sz = _bdot(c, x), _bdot(b, z), _bdot(s, z)
@@ -771,4 +828,4 @@ def _solve(program: ConeProgram, opts: dict[str, Any], has_P: bool) -> tuple[Sol
         iterations=iters.tolist(),
         primal_residual=pres.tolist(), dual_residual=dres.tolist(), gap=gap.tolist(),
     )
-    return sol, kkt
+    return sol, kkt, states

@@ -14,7 +14,8 @@ they agree to rounding (1e-13 to 1e-11). ``tests/test_distributed.py`` checks th
 Launch (2 processes on this machine, gloo on CPU)::
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 examples/distributed/train_ddp.py --out ddp.pt
-    OMP_NUM_THREADS=1 python examples/distributed/train_ddp.py --single --world-size 2 --out single.pt
+    OMP_NUM_THREADS=1 python examples/distributed/train_ddp.py --single --world-size 2 \
+        --out single.pt
 
 On GPUs add ``--device cuda`` (one GPU per rank, NCCL backend). See README.md in this folder for
 several machines.

@@ -22,7 +22,9 @@ def _both(fn, *tensors):
     for dev in ("cpu", "cuda"):
         ts = [t.detach().to(dev).requires_grad_() for t in tensors]
         out = fn(*ts)
-        g = torch.autograd.grad(out, ts, torch.ones_like(out))
+        gen = torch.Generator().manual_seed(0)  # a generic upstream gradient, same on both
+        up = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(dev)
+        g = torch.autograd.grad(out, ts, up)
         assert out.device.type == dev and all(x.device.type == dev for x in g)
         res.append((out.detach().cpu(), [x.cpu() for x in g]))
     return res
@@ -78,7 +80,7 @@ def test_gradient_modes_on_cuda(mode):
     target = torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
     grads = []
     for dev in ("cpu", "cuda"):
-        cc = cost.to(dev).requires_grad_()
+        cc = cost.detach().to(dev).requires_grad_()
         (sol,) = layer(cc, gradient=mode)
         ((sol - target.to(dev)) ** 2).sum().backward()
         grads.append(cc.grad.cpu())

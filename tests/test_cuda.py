@@ -70,7 +70,7 @@ def test_cvxpylayer_module_to_cuda_moves_buffers():
 
 
 @pytest.mark.parametrize("mode", [QuadraticSmoothing(1.0), LogBarrier(0.1),
-                                  Perturbed(0.5, 8, seed=0), LPGD(1.0)],
+                                  Perturbed(0.5, 64, seed=0), LPGD(1.0)],
                          ids=lambda m: type(m).__name__)
 def test_gradient_modes_on_cuda(mode):
     x = cp.Variable(4)
@@ -84,7 +84,10 @@ def test_gradient_modes_on_cuda(mode):
         (sol,) = layer(cc, gradient=mode)
         ((sol - target.to(dev)) ** 2).sum().backward()
         grads.append(cc.grad.cpu())
-    if isinstance(mode, Perturbed):  # different random streams per device: compare scale only
-        assert grads[1].abs().max() > 1e-3
+    if isinstance(mode, Perturbed):
+        # CPU and CUDA draw different random streams, so the two Monte-Carlo estimates differ;
+        # with 8 samples one CUDA draw hit only vertices of equal loss (an exactly zero, valid
+        # estimate), hence 64 samples and a scale check.
+        assert torch.isfinite(grads[1]).all() and grads[1].abs().max() > 1e-3
     else:
         assert rel_err(grads[1], grads[0]) < 1e-5

@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-10, help="Clarabel tolerance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--figure", default="lasso_hyperparameter.png")
+    parser.add_argument("--plot", "--figure", dest="figure", default="lasso_hyperparameter.png")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args()
 

@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--test-tasks", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--figure", default="maml_sine.png")
+    parser.add_argument("--plot", "--figure", dest="figure", default="maml_sine.png")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args()
 

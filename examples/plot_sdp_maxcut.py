@@ -1,4 +1,8 @@
-"""SDP layer: learn the edge weights (a metric) that make a max-cut relaxation find the clusters.
+"""
+SDP layer: learning the metric of a max-cut relaxation
+======================================================
+
+Learn the edge weights (a metric) that make a max-cut relaxation find the clusters.
 
 Each graph has ``n`` nodes with features ``x_i ∈ R^d``; its nodes belong to two hidden groups
 ``s ∈ {±1}^n`` that only the first feature reveals (the other features are noise of larger

@@ -124,9 +124,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--noise", type=float, default=0.5, help="ε̄: multiplicative noise half-width")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--gamma", type=float, default=0.1, help="QPTL smoothing")
+    ap.add_argument("--gamma", type=float, default=1.0,
+                    help="QPTL smoothing: QuadraticSmoothing(γ) adds γ/2‖x‖²")
     ap.add_argument("--mu", type=float, default=0.1, help="log-barrier parameter")
-    ap.add_argument("--tau", type=float, default=1.0, help="LPGD step")
+    ap.add_argument("--tau", type=float, default=5.0, help="LPGD step")
     ap.add_argument("--sigma", type=float, default=1.0, help="PFYL perturbation")
     ap.add_argument("--samples", type=int, default=1, help="PFYL samples per item")
     ap.add_argument("--json", help="write the results to this JSON file")

@@ -443,3 +443,82 @@ def test_bounds_form_derivative_solves_the_returned_points_system(mu):
     l1, l2 = sol.differentiator.adjoint(gx, gy, torch.zeros_like(gy))
     ref = torch.linalg.solve(J, -torch.cat([gx, gy], 1))
     assert rel_err(torch.cat([l1, l2], 1), ref) <= TOL_SYSTEM
+
+
+# ---------------------------------------------------------------------------------------------
+# Loose boxes: every constraint inactive at the optimum (regression: the iterations stalled)
+# ---------------------------------------------------------------------------------------------
+
+# The reported QP: bounds on x₁ and x₃ plus one dense row, all inactive at the solution; the
+# old start (margin 1 next to slacks of order 100) cycled without reducing μ (MAX_ITERATIONS).
+_LOOSE_P = (1.0, 1.0, 1.5, 1.5)
+_LOOSE_Q = (-1.53911868265637275, -1.20090957925857800, -0.68974264452752199,
+            0.36787500594989275)
+_LOOSE_G = ((-1.0, 0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0), (0.0, 0.0, -1.0, 0.0),
+            (0.0, 0.0, 1.0, 0.0), (-0.99532051, -0.09662854, 0.99532051, 0.09662854))
+_LOOSE_H = (128.20868570648409, 19.791314293515889, 94.755928318874354, 49.244071681125632,
+            17.600632106263763)
+_LOOSE_X = (1.5391, 1.2009, 0.4598, -0.2453)  # Clarabel's solution (rounded)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5, 2.0, 0.1])
+def test_loose_box_qp_matches_clarabel(factor):
+    from diffopt import QPLayer
+
+    P = torch.diag(torch.tensor(_LOOSE_P, dtype=torch.float64))
+    q = torch.tensor(_LOOSE_Q, dtype=torch.float64)
+    G = torch.tensor(_LOOSE_G, dtype=torch.float64)
+    h = factor * torch.tensor(_LOOSE_H, dtype=torch.float64)
+    layer = QPLayer()
+    x = layer(P, q, G, h)
+    assert layer.info.status == [Status.OPTIMAL]
+    assert torch.allclose(x, torch.tensor(_LOOSE_X, dtype=torch.float64), atol=1e-4)
+    xr, _, _ = clarabel_reference(P[None], q[None], G[None], h[None], 0, 5)
+    assert rel_err(x[None], xr) <= TOL_REF
+    # Every constraint is inactive: x* is the unconstrained minimizer −P⁻¹q.
+    assert rel_err(x, -q / P.diagonal()) <= 1e-8
+
+
+def loose_box_qp(B, p, dense, seed):
+    """Diagonal-P QPs whose bound rows (on x₁, x₃, …) and ``dense`` general rows are all
+    inactive at the known solution ``xs`` (slacks 3 to 200), with ``p`` equality rows through
+    ``xs``; returns ``(P, c, A, b, xs)``."""
+    g = torch.Generator().manual_seed(seed)
+    n = 4
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def unif(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    P = torch.diag_embed(unif(0.8, 2.0, B, n))
+    xs = rnd(B, n)
+    cols = torch.arange(0, n, 2)
+    k = cols.numel()
+    Ab = torch.zeros(B, 2 * k, n, dtype=torch.float64)
+    Ab[:, 0::2, :][:, torch.arange(k), cols] = -1.0
+    Ab[:, 1::2, :][:, torch.arange(k), cols] = 1.0
+    Ad = rnd(B, dense, n)
+    Ad = Ad / Ad.norm(dim=2, keepdim=True)
+    A = torch.cat((rnd(B, p, n), Ab, Ad), 1)
+    b = torch.einsum("bmn,bn->bm", A, xs)
+    b[:, p:] += 10 ** unif(0.5, 2.3, B, 2 * k + dense)
+    c = -torch.einsum("bij,bj->bi", P, xs)
+    return P, c, A, b, xs
+
+
+@pytest.mark.parametrize("p, dense", [(0, 0), (0, 2), (1, 1), (1, 2), (2, 2)])
+def test_loose_box_family_is_solved(p, dense):
+    # Seed 0 made the old iterations stall on 7 of these 320 items; (0, 0) is the bounds form
+    # with no equality row at all.
+    P, c, A, b, xs = loose_box_qp(64, p, dense, seed=0)
+    l = A.shape[1] - p
+    sol = NativeIPM().solve(program(P, c, A, b, p, l), {})
+    assert sol.differentiator._kkt.bounds == (dense == 0)
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    assert rel_err(sol.x, xs) <= TOL_REF
+    assert float(sol.y.abs().max()) <= 1e-8
+    if (p, dense) == (1, 2):
+        x, _, _ = clarabel_reference(P, c, A, b, p, l)
+        assert rel_err(sol.x, x) <= TOL_REF

@@ -21,6 +21,15 @@ with ``s, z`` in the cone (equality rows: ``s = 0``, ``z`` free) and ``τ, κ �
 certificate: ``Aᵀz = 0, bᵀz < 0`` (primal infeasible) or ``Px = 0, Ax + s = 0, cᵀx < 0``
 (unbounded). Statuses are only declared from these conditions, checked to a tolerance.
 
+Starting point. The start solves ``K(D = I)[x; z] = [−c; b]``, sets ``s = −z`` and shifts ``s``
+and ``z`` into the cone with a margin that grows with their size (Clarabel's rule,
+``max(1, Σ max(vᵢ, 0)/10)``). A fixed margin of 1 next to slacks of order 100 (QPs in large
+boxes whose constraints are all inactive) started so badly centered that the predictor-corrector
+could fall into a cycle with ``μ/τ²`` constant while the whole embedding shrank toward 0
+(``MAX_ITERATIONS``). The ``τ`` pivot of each step (the denominator of ``dτ``, which tends to 0
+like ``μ``) carries a static regularization of ``1e-12`` in float64 so that round-off does not
+turn into ``O(ε/μ)`` steps of ``τ`` at tight tolerances.
+
 Linear algebra. Every Newton system is the quasidefinite KKT system
 
 .. math::
@@ -82,6 +91,8 @@ _OPTION_KEYS = (
     "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine", "kkt_dtype",
     "verbose", "n_jobs",
 )
+# Static regularization of the τ pivot (the denominator of dτ), per dtype of the iterates.
+_TAU_REG = {torch.float64: 1e-12, torch.float32: 0.0}
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary taken by a combined step
 _WARM_SHIFT = 1e-3  # distance from the boundary of a warm-started point (relative)
 
@@ -168,6 +179,21 @@ def _boundary_step(v: Tensor, dv: Tensor) -> Tensor:
     # The inner where keeps the division finite where it is not taken, so that its gradient
     # stays finite too when the iterations are differentiated.
     return torch.where(neg, v / torch.where(neg, -dv, 1.0), math.inf).amin(dim=1)
+
+
+def _shift_into_cone(v: Tensor, p: int, ineq: Tensor) -> Tensor:
+    """Shift the inequality rows of ``v`` to a margin ``max(1, Σᵢ max(vᵢ, 0)/10)`` (if smaller).
+
+    The margin grows with the size of the positive entries (as Clarabel's starting point does):
+    a fixed margin of 1 next to entries of order 100 (large right-hand sides) starts badly
+    centered, with products ``sᵢzᵢ`` spread over orders of magnitude, and the predictor-corrector
+    can then stall in a cycle that shrinks the whole embedding toward 0 instead of reducing ``μ``
+    (loose-box QPs whose constraints are all inactive).
+    """
+    vi = v[:, p:]
+    lo = vi.amin(1, keepdim=True)
+    target = torch.clamp(0.1 * vi.clamp(min=0.0).sum(1, keepdim=True), min=1.0)
+    return v + ineq * torch.clamp(target - lo, min=0.0)
 
 
 class _Matrix:
@@ -608,6 +634,7 @@ def _solve(
     if l == 0:
         mu_t = 0.0  # no inequality: no barrier
     max_iters = opts["max_iters"]
+    tau_reg = _TAU_REG[c.dtype]
 
     ineq = c.new_zeros(m)
     ineq[p:] = 1.0
@@ -636,8 +663,8 @@ def _solve(
         x, z = kkt_solve(-c.unsqueeze(1), b.unsqueeze(1))
         x, z = x.squeeze(1), z.squeeze(1)
         s = -z * ineq
-        s = s + ineq * torch.clamp(1.0 - s[:, p:].amin(1, keepdim=True), min=0.0) if l else s
-        z = z + ineq * torch.clamp(1.0 - z[:, p:].amin(1, keepdim=True), min=0.0) if l else z
+        if l:
+            s, z = _shift_into_cone(s, p, ineq), _shift_into_cone(z, p, ineq)
         tau = c.new_ones(B)
         kappa = c.new_ones(B)
         warm = _warm_point(opts["warm_start"], n, m, c)
@@ -737,6 +764,9 @@ def _solve(
             g = torch.addcmul(c, Px, 2.0 / t1)  # ∇ₓ(cᵀx + xᵀPx/τ) at ξ = x/τ
             e = x1 - x / t1
             den = den - _bdot(e, P.mv(e))
+        # Regularize the τ pivot: den → 0 like μ at the end, where dτ = num/den turned round-off
+        # in num (~ε) into steps of order ε/μ that wrecked converged items (at tol ~1e-12).
+        den = den - tau_reg
         cone = torch.cat((s[:, p:], z[:, p:], tau.unsqueeze(1), kappa.unsqueeze(1)), 1)
 
         def direction(

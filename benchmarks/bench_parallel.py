@@ -1,8 +1,7 @@
-"""Parallel per-item solves: serial vs threads vs processes (issue 6, item 3).
+"""Parallel per-item solves: serial vs a pool of two threads (issue 6, item 3).
 
 Times the forward pass of ``diffopt.CvxpyLayer`` with a per-item backend (the solve is where the
-workers act) under ``solver_args`` ``{"n_jobs": 1}``, ``{"n_jobs": 2, "parallel": "threads"}``,
-``{"n_jobs": 2, "parallel": "processes"}`` and the default (``parallel="auto"``), on:
+workers act) under ``solver_args`` ``{"n_jobs": 1}`` and ``{"n_jobs": 2}``, on:
 
 - ``socp``: 100-asset SOCP portfolio, B=64 (Clarabel)
 - ``sdp``: 20x20 nearest-correlation SDP, B=16 (Clarabel)
@@ -10,7 +9,7 @@ workers act) under ``solver_args`` ``{"n_jobs": 1}``, ``{"n_jobs": 2, "parallel"
 - ``socp-scs``, ``socp-ecos``: the SOCP with SCS (tol 1e-6) and ECOS, for the GIL check
 
 Median of ``--repeats`` interleaved rounds (each round runs every mode once) after one warm-up
-round, which also starts the process pool (its start-up time is printed separately). Each timed
+round. Each timed
 call also records the share of the machine's CPU that *other* processes used meanwhile (from
 ``/proc/stat``): on a shared machine a speed-up near 1 with a large share means "no free core",
 not "no parallelism".
@@ -49,9 +48,7 @@ FAMILIES = {
 }
 MODES = {
     "serial": {"n_jobs": 1},
-    "threads2": {"n_jobs": 2, "parallel": "threads"},
-    "procs2": {"n_jobs": 2, "parallel": "processes"},
-    "auto": {},
+    "threads2": {"n_jobs": 2},
 }
 
 
@@ -66,18 +63,12 @@ def _busy_jiffies() -> tuple[int, int] | None:
 
 
 def _own_jiffies() -> int:
-    """CPU jiffies used by this process and the diffopt worker processes."""
-    from diffopt.solvers import base
-
-    pids = [os.getpid()] + (list(base._POOL._processes) if base._POOL is not None else [])
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    """CPU jiffies used by this process (all its threads)."""
+    try:
+        fields = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def timed_call(fn) -> tuple[float, float | None]:
@@ -166,9 +157,6 @@ def main() -> None:
                     wait_for_quiet(args.quiet_wait)  # load arrived mid-call: wait, redo once more
                 if rnd == 0:
                     outs[mode] = box[0]
-                    if mode == "procs2":
-                        print(f"  [{key}] process-pool warm-up call (incl. start-up if new): "
-                              f"{dt * 1e3:.0f} ms")
                 else:
                     times[mode].append(dt)
                     if foreign is not None:

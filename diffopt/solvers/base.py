@@ -13,18 +13,10 @@ checks them before solving, so a problem is never sent to a solver that cannot h
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import enum
-import multiprocessing
-import multiprocessing.context
 import os
-import sys
-import threading
-import time
-import types
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -210,59 +202,25 @@ class ItemResult:
 
 
 class PerItemBackend(Backend):
-    """A backend that solves items one at a time on the CPU, optionally in parallel.
+    """A backend that solves items one at a time on the CPU, in a thread pool.
 
-    Subclasses implement :meth:`solve_one` on SciPy/NumPy data. Two options control parallelism:
-
-    - ``n_jobs``: the number of workers (default ``min(batch size, os.cpu_count())``). With
-      ``n_jobs=1`` (or a batch of one) the items are solved in a plain loop in the calling thread,
-      without any pool.
-    - ``parallel``: ``"threads"``, ``"processes"`` or ``"auto"`` (the default).
-
-      ``"threads"`` runs the items on a thread pool. That scales when the solver's Python binding
-      releases the GIL while it solves (class attribute ``releases_gil``), as Clarabel 0.11
-      (``py.allow_threads``), SCS 3.3 and ECOS 2.0 do: on 2 idle cores two threads solve a batch
-      1.6-1.9x faster than one (``benchmarks/bench_parallel.py``).
-
-      ``"processes"`` runs chunks of items on a pool of worker processes, for backends whose
-      binding holds the GIL. Only NumPy/SciPy data, the options and the backend (by reference)
-      are pickled. The pool is created on first use with the ``"spawn"`` start method (never
-      ``fork``, which is unsafe once torch has started its threads), kept and reused by later
-      calls with the same ``n_jobs`` (a call with another ``n_jobs`` replaces it), and shut down
-      at interpreter exit. Workers do not re-import the caller's ``__main__`` script, so scripts
-      need no ``if __name__ == "__main__"`` guard. Starting the workers costs a few seconds, once
-      (each imports diffopt and so torch); after that the overhead is a fraction of a millisecond
-      per item. Backends defined in ``__main__`` cannot be sent to workers, and nothing is
-      started from inside a daemonic process: both fall back to the serial loop.
-
-      ``"auto"`` uses threads when the backend releases the GIL. Otherwise it solves the first
-      item in the calling thread, estimates the serial time of the rest from it, and sends the
-      rest to the process pool when that estimate exceeds :attr:`auto_min_seconds`, else solves
-      them serially; so small or cheap batches never pay for a pool.
-
-    Inside workers, BLAS/OpenMP libraries are limited to ``max(1, os.cpu_count() // n_jobs)``
-    threads (with threadpoolctl for the threads mode, and with threadpoolctl, the
-    ``OMP_NUM_THREADS``-style variables and ``torch.set_num_threads`` in worker processes), so the
-    workers do not oversubscribe the cores. Every item's answer does not depend on where it was
-    solved: the serial loop, the threads and the processes give the same numbers.
-
-    An exception raised while solving an item (for example an unknown option) propagates to the
-    caller from any worker; statuses stay per item and in order.
+    Subclasses implement :meth:`solve_one` on SciPy/NumPy data. The ``n_jobs`` option sets the
+    number of worker threads (default ``min(batch size, os.cpu_count())``); with ``n_jobs=1`` (or
+    a batch of one) the items are solved in a plain loop, without a pool. Threads scale because
+    the solvers' Python bindings release the GIL while they solve (Clarabel 0.11's
+    ``py.allow_threads``, SCS 3.3, ECOS 2.0): on 2 idle cores two threads solve a batch 1.6-1.9x
+    faster than one (``benchmarks/bench_parallel.py``). While the pool runs, BLAS/OpenMP
+    libraries are limited to ``max(1, os.cpu_count() // n_jobs)`` threads (threadpoolctl), so the
+    workers do not oversubscribe the cores. Every item's answer is the same whichever thread
+    solved it; an exception raised while solving an item propagates to the caller, and statuses
+    stay per item and in order.
 
     Example:
         >>> from diffopt.solvers import get_backend
-        >>> backend = get_backend("clarabel")
-        >>> backend.releases_gil
-        True
-        >>> # layer(..., solver_args={"n_jobs": 2})  # two threads; "processes" for a GIL-bound one
+        >>> get_backend("clarabel").name
+        'clarabel'
+        >>> # layer(..., solver_args={"n_jobs": 2})  # two worker threads
     """
-
-    #: Whether ``solve_one`` spends its time with the GIL released (so a thread pool scales).
-    #: True for Clarabel, SCS and ECOS (measured); a subclass whose solver holds the GIL sets False.
-    releases_gil: ClassVar[bool] = True
-    #: ``parallel="auto"``: estimated serial seconds of the remaining items above which they go to
-    #: the process pool.
-    auto_min_seconds: ClassVar[float] = 0.25
 
     def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:  # pragma: no cover
         raise NotImplementedError
@@ -271,11 +229,6 @@ class PerItemBackend(Backend):
         options = dict(options)
         B = program.batch_size
         n_jobs = options.pop("n_jobs", None)
-        mode = options.pop("parallel", None) or "auto"
-        if mode not in ("auto", "threads", "processes"):
-            raise ValueError(
-                f"parallel must be 'auto', 'threads' or 'processes', received {mode!r}"
-            )
         cores = os.cpu_count() or 1
         if n_jobs is None or n_jobs == 0:
             n_jobs = min(B, cores)
@@ -290,24 +243,13 @@ class PerItemBackend(Backend):
             else program.P_values.detach().cpu().double().numpy(),
             A_pattern=program.A_pattern, P_pattern=program.P_pattern, dims=program.dims,
         )
-        blas = max(1, cores // n_jobs)
         if n_jobs == 1:
             results = _solve_items(self, data, options)
-        elif mode == "threads" or (mode == "auto" and self.releases_gil):
-            results = self._solve_threads(data, options, n_jobs, blas)
-        elif not _can_use_processes(self):
-            results = _solve_items(self, data, options)
-        elif mode == "processes":
-            results = _solve_processes(self, data, options, n_jobs, blas)
-        else:  # auto, GIL held: time the first item, then decide
-            start = time.perf_counter()
-            first = _solve_items(self, data.take(slice(0, 1)), options)
-            estimate = (time.perf_counter() - start) * (B - 1)
-            rest = data.take(slice(1, B))
-            if estimate > self.auto_min_seconds:
-                results = first + _solve_processes(self, rest, options, n_jobs, blas)
-            else:
-                results = first + _solve_items(self, rest, options)
+        else:
+            with _blas_limit(max(1, cores // n_jobs)), ThreadPoolExecutor(n_jobs) as pool:
+                futures = [pool.submit(_solve_items, self, data.take(slice(i, i + 1)), options)
+                           for i in range(data.size)]
+                results = [r for f in futures for r in f.result()]
         ref = program.c
         n, m = program.n, program.m
 
@@ -326,18 +268,10 @@ class PerItemBackend(Backend):
             solve_time=[r.solve_time for r in results],
         )
 
-    def _solve_threads(self, data: _Batch, options: dict, n_jobs: int, blas: int) -> list[ItemResult]:
-        with _blas_limit(blas), ThreadPoolExecutor(max_workers=n_jobs) as pool:
-            futures = [pool.submit(_solve_items, self, data.take(slice(i, i + 1)), options)
-                       for i in range(data.size)]
-            return [r for f in futures for r in f.result()]
-
-
-# -- parallel machinery of PerItemBackend ----------------------------------------------------------
 
 @dataclass
 class _Batch:
-    """The NumPy/SciPy data of a batch (or a slice of it): what is pickled to worker processes."""
+    """The NumPy/SciPy data of a batch (or a slice of it)."""
 
     c: np.ndarray
     b: np.ndarray
@@ -358,7 +292,7 @@ class _Batch:
 
 
 def _solve_items(backend: PerItemBackend, data: _Batch, options: dict) -> list[ItemResult]:
-    """Solve the items of ``data`` one after the other (in whichever thread or process)."""
+    """Solve the items of ``data`` one after the other."""
     pa, pp = data.A_pattern, data.P_pattern
     out = []
     for i in range(data.size):
@@ -377,125 +311,3 @@ def _blas_limit(n_threads: int):
     except ImportError:  # pragma: no cover - threadpoolctl comes with SciPy
         return contextlib.nullcontext()
     return threadpool_limits(limits=n_threads)
-
-
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-def _init_worker(n_threads: int) -> None:
-    """Worker-process initializer: cap BLAS/OpenMP/torch threads (for libraries loaded now or later)."""
-    for var in _THREAD_VARS:
-        os.environ[var] = str(n_threads)
-    torch.set_num_threads(n_threads)
-    global _WORKER_LIMITS
-    _WORKER_LIMITS = _blas_limit(n_threads)  # threadpoolctl applies on creation; kept alive
-
-
-def _worker_solve(backend: PerItemBackend, data: _Batch, options: dict,
-                  n_threads: int) -> list[ItemResult]:
-    with _blas_limit(n_threads):  # also caps libraries loaded since the initializer (the solvers')
-        return _solve_items(backend, data, options)
-
-
-_WORKER_LIMITS = None
-_POOL: ProcessPoolExecutor | None = None
-_POOL_KEY: tuple[int, int, int] | None = None  # (pid, n_jobs, BLAS threads)
-_POOL_LOCK = threading.Lock()
-_LAUNCH_LOCK = threading.Lock()
-
-
-class _SpawnProcess(multiprocessing.context.SpawnProcess):
-    """A spawned worker that does not re-import the parent's ``__main__`` script.
-
-    ``multiprocessing`` re-runs the main script in every spawned child (hence the usual
-    ``if __name__ == "__main__"`` guard). Our workers only need diffopt, so the main module is
-    hidden while a worker is launched.
-    """
-
-    @staticmethod
-    def _Popen(process_obj):
-        with _LAUNCH_LOCK:
-            main = sys.modules.get("__main__")
-            sys.modules["__main__"] = types.ModuleType("__main__")
-            try:
-                return multiprocessing.context.SpawnProcess._Popen(process_obj)
-            finally:
-                if main is not None:
-                    sys.modules["__main__"] = main
-                else:
-                    sys.modules.pop("__main__", None)
-
-
-class _SpawnContext(multiprocessing.context.SpawnContext):
-    Process = _SpawnProcess
-
-
-def _can_use_processes(backend: PerItemBackend) -> bool:
-    """Whether items of ``backend`` may be sent to worker processes from here."""
-    if type(backend).__module__ == "__main__":  # not importable in a worker
-        return False
-    return not multiprocessing.current_process().daemon  # daemons cannot have children
-
-
-def _get_pool(n_jobs: int, n_threads: int) -> ProcessPoolExecutor:
-    global _POOL, _POOL_KEY
-    key = (os.getpid(), n_jobs, n_threads)
-    with _POOL_LOCK:
-        if _POOL is not None and _POOL_KEY == key:
-            return _POOL
-        if _POOL is not None and _POOL_KEY is not None and _POOL_KEY[0] == key[0]:
-            _POOL.shutdown(wait=True)  # same process, other size; a forked child just drops it
-        _POOL = ProcessPoolExecutor(max_workers=n_jobs, mp_context=_SpawnContext(),
-                                    initializer=_init_worker, initargs=(n_threads,))
-        _POOL_KEY = key
-        return _POOL
-
-
-def _drop_pool(pool: ProcessPoolExecutor) -> None:
-    global _POOL, _POOL_KEY
-    with _POOL_LOCK:
-        if _POOL is pool:
-            _POOL, _POOL_KEY = None, None
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _shutdown_pool() -> None:
-    """Shut the worker-process pool down (registered to run at interpreter exit)."""
-    global _POOL, _POOL_KEY
-    with _POOL_LOCK:
-        pool, key = _POOL, _POOL_KEY
-        _POOL, _POOL_KEY = None, None
-    if pool is not None and key is not None and key[0] == os.getpid():
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-atexit.register(_shutdown_pool)
-
-
-def _solve_processes(backend: PerItemBackend, data: _Batch, options: dict, n_jobs: int,
-                     n_threads: int) -> list[ItemResult]:
-    """Solve ``data`` in contiguous chunks on the process pool; results in item order."""
-    if data.size == 0:
-        return []
-    pool = _get_pool(n_jobs, n_threads)
-    n_chunks = min(data.size, 4 * n_jobs)  # a few chunks per worker balance uneven items
-    bounds = np.linspace(0, data.size, n_chunks + 1).round().astype(int)
-    try:
-        futures = [pool.submit(_worker_solve, backend, data.take(slice(lo, hi)), options, n_threads)
-                   for lo, hi in zip(bounds[:-1], bounds[1:])]
-    except BrokenProcessPool:
-        _drop_pool(pool)
-        raise
-    results: list[ItemResult] = []
-    try:
-        for f in futures:
-            results.extend(f.result())
-    except BrokenProcessPool:
-        _drop_pool(pool)  # a worker died: the next call starts a fresh pool
-        raise
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
-    return results

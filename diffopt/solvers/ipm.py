@@ -49,7 +49,13 @@ internal variables are ``(x, y)`` and ``s`` is tied to ``y`` by ``s ∘ y = μ``
 rows), so ``∂s/∂y = −D`` and the Jacobian of the optimality conditions is exactly ``K`` at the
 returned point. The loop factors ``K`` at the current point *before* deciding
 to stop, so the factorization kept for the backward pass is the one of the returned point's
-system (no refactorization).
+system (no refactorization). That is the derivative used for ``mu > 0``. For ``mu = 0`` the
+derivative is that of the exact KKT conditions instead: ``K`` with the active set snapped
+(``D = 0`` where ``y > s``, ``dy = 0`` where ``s > y``), since at a point returned at
+tolerance ``tol`` the barrier's ``D = s/y ≈ μ/y²`` on the active rows biases the gradient by
+``O(μ/y²)`` (~1e-4 at ``tol = 1e-9``). It is solved by a few steps of iterative refinement
+preconditioned with the kept factorization, with a dense LU of the snapped system for the
+items that do not converge (see ``_IPMDifferentiator``).
 
 Stopping at ``mu > 0`` (the ``mu`` option) returns the point on the central path with
 ``s ∘ y = μ``: the minimizer of the log-barrier-smoothed problem
@@ -93,6 +99,7 @@ _OPTION_KEYS = (
 )
 # Static regularization of the τ pivot (the denominator of dτ), per dtype of the iterates.
 _TAU_REG = {torch.float64: 1e-12, torch.float32: 0.0}
+_SNAP_STEPS = 4  # preconditioned refinement steps of the exact derivative before the dense LU
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary taken by a combined step
 _WARM_SHIFT = 1e-3  # distance from the boundary of a warm-started point (relative)
 
@@ -410,8 +417,8 @@ class _KKT:
         y = (self.A.mv(x) - r2) * w
         return x, y
 
-    def solve(self, r1: Tensor, r2: Tensor, refine: int,
-              exact: bool = True) -> tuple[Tensor, Tensor]:
+    def solve(self, r1: Tensor, r2: Tensor, refine: int, exact: bool = True,
+              cast: bool = True) -> tuple[Tensor, Tensor]:
         """Solve ``K [x; y] = [r1; r2]`` for ``(B, k, n)``, ``(B, k, m)`` right-hand sides.
 
         Each refinement step solves ``K_δ d = r − K u`` and adds ``d`` to ``u``. With ``exact``
@@ -434,42 +441,187 @@ class _KKT:
                 e1, e2 = self.reg * dx, -self.reg * dy
             dx, dy = self._solve_reg(e1, e2)
             x, y = x + dx, y + dy
-        if x.dtype != self.out_dtype:
+        if cast and x.dtype != self.out_dtype:
             x, y = x.to(self.out_dtype), y.to(self.out_dtype)
         return x, y
 
 
 class _IPMDifferentiator:
-    """Linear solves with ``J = [[P, Aᵀ], [A, −D]]`` at the returned point (see module doc).
+    """Linear solves with the Jacobian of the optimality conditions at the returned point.
 
-    Reuses the Cholesky factor of the last iteration (taken at the returned point), with
-    ``refine`` steps of iterative refinement against the exact ``J``. Inputs are ``(B, n)`` /
-    ``(B, m)`` vectors or ``(B, n, k)`` / ``(B, m, k)`` stacks of ``k`` of them.
+    With ``mu > 0`` (``exact=False``) this is the barrier system ``J = [[P, Aᵀ], [A, −D]]``,
+    ``D = diag(s/y)``, whose Cholesky factor is the last one of the iterations (see the module
+    doc), solved with ``refine`` steps of iterative refinement against ``J``.
+
+    With ``mu = 0`` (``exact=True``) it is the KKT system of the exact solution, with the active
+    set *snapped*: an inequality row is active where ``y > s`` (``ds = 0``: the row of ``J``
+    becomes ``aᵢᵀdx = ·``, i.e. ``D = 0``) and inactive where ``s ≥ y`` (``dy = 0``, ``D = ∞``;
+    then ``ds = −(aᵢᵀdx + dRᵢ)``). At ``μ → 0`` the barrier ``J`` tends to this system, but at a
+    point returned at tolerance ``tol`` its ``D = s/y ≈ μ/y²`` on active rows biases the
+    derivative by ``O(μ/y²)`` (relative errors ~1e-4 at ``tol = 1e-9``). The snapped system is
+    solved by iterative refinement preconditioned with the barrier factorization (its error is
+    ``O(μ)``, so 1–3 steps reach round-off), checking each item's backward error; items that do
+    not converge in ``_SNAP_STEPS`` steps get a dense LU solve of their snapped system, and
+    items where that is singular (no strict complementarity, dependent active rows) keep the
+    barrier derivative, finite, and are flagged in ``degenerate``.
+
+    Inputs are ``(B, n)`` / ``(B, m)`` vectors or ``(B, n, k)`` / ``(B, m, k)`` stacks of ``k``.
     """
 
-    def __init__(self, kkt: _KKT, refine: int) -> None:
+    def __init__(self, kkt: _KKT, refine: int, p: int = 0, s: Tensor | None = None,
+                 y: Tensor | None = None, exact: bool = False) -> None:
         self._kkt = kkt
         self._refine = refine
+        self.exact = exact and s is not None and y is not None and s.shape[1] > p
+        B = kkt.B
+        self.degenerate = torch.zeros(B, dtype=torch.bool, device=kkt.D.device)
+        self.fallback = torch.zeros_like(self.degenerate)  # items solved by the dense LU
+        if not self.exact:
+            return
+        dt = kkt.dtype
+        s, y = s.to(dt), y.to(dt)
+        valid = torch.isfinite(s).all(1) & torch.isfinite(y).all(1)
+        keep = torch.ones_like(s)
+        keep[:, p:] = (y[:, p:] > s[:, p:]).to(dt)  # 1 on equality and active rows, 0 inactive
+        self._keep = torch.where(valid.unsqueeze(1), keep, torch.ones_like(keep))
+        self._valid = valid
+        A = kkt.A.M
+        scale = A.abs().amax() if A.numel() else A.new_zeros(())
+        if kkt.P is not None and kkt.P.M.numel():
+            scale = torch.maximum(scale, kkt.P.M.abs().amax())
+        self._scale = float(torch.clamp(scale, min=1.0))
 
-    def _solve(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
-        vec = r1.dim() == 2
-        r1, r2 = (r1.unsqueeze(1), r2.unsqueeze(1)) if vec else (r1.mT, r2.mT)
-        u1, u2 = self._kkt.solve(r1, r2, self._refine)
-        return (u1.squeeze(1), u2.squeeze(1)) if vec else (u1.mT, u2.mT)
+    # -- the barrier system ----------------------------------------------------------------
 
-    def _ds_dy(self, v: Tensor) -> Tensor:
-        """``(∂s/∂y) v = −D v`` (symmetric, so also the transpose)."""
-        D = self._kkt.D.to(v.dtype)
-        return -(D if v.dim() == 2 else D.unsqueeze(-1)) * v
+    def _barrier(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
+        return self._kkt.solve(r1, r2, self._refine, cast=False)
+
+    # -- the snapped system K̃ = [[P, AᵀK], [KA, −(I − K)]], K = diag(keep) ----------------
+
+    def _apply(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        kkt, k = self._kkt, self._keep.unsqueeze(1)
+        t1 = kkt.A.rmv(v * k)
+        if kkt.P is not None:
+            t1 = t1 + kkt.P.mv(u)
+        return t1, kkt.A.mv(u) * k - (1.0 - k) * v
+
+    def _precondition(self, e1: Tensor, e2: Tensor) -> tuple[Tensor, Tensor]:
+        # The barrier system with the inactive rows' right-hand side zeroed: its error against
+        # K̃ is O(D) on the active rows and O(1/D) on the inactive ones, O(μ) in all.
+        k = self._keep.unsqueeze(1)
+        u, v = self._kkt.solve(e1, e2 * k, 1, cast=False)
+        return u, v * k - (1.0 - k) * e2
+
+    def _snapped(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
+        """Solve ``K̃ [u; v] = [r1; r2]`` (``(B, k, ·)`` stacks, in the KKT dtype)."""
+        kkt = self._kkt
+        r1, r2 = r1.to(kkt.dtype), r2.to(kkt.dtype)
+        eps = 1e3 * torch.finfo(kkt.dtype).eps
+        u, v = self._precondition(r1, r2)
+        norm_r = torch.maximum(_inf_norms(r1).amax(1), _inf_norms(r2).amax(1))
+        done = ~self._valid
+        for _ in range(_SNAP_STEPS):
+            a1, a2 = self._apply(u, v)
+            e1, e2 = r1 - a1, r2 - a2
+            err = torch.maximum(_inf_norms(e1).amax(1), _inf_norms(e2).amax(1))
+            size = torch.maximum(_inf_norms(u).amax(1), _inf_norms(v).amax(1))
+            done = done | (err <= eps * (norm_r + self._scale * size))
+            if bool(done.all()):
+                break
+            d1, d2 = self._precondition(e1, e2)
+            run = (~done).to(u.dtype)[:, None, None]
+            u, v = u + run * d1, v + run * d2
+        else:
+            a1, a2 = self._apply(u, v)
+            err = torch.maximum(_inf_norms(r1 - a1).amax(1), _inf_norms(r2 - a2).amax(1))
+            size = torch.maximum(_inf_norms(u).amax(1), _inf_norms(v).amax(1))
+            done = done | (err <= eps * (norm_r + self._scale * size))
+        if not bool(done.all()):
+            u, v = self._dense(~done, r1, r2, u, v)
+        return u, v
+
+    def _dense(self, items: Tensor, r1: Tensor, r2: Tensor, u: Tensor,
+               v: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense LU of K̃ for ``items``; singular ones keep the barrier solution."""
+        kkt = self._kkt
+        idx = torch.nonzero(items).squeeze(1)
+        n = u.shape[-1]
+        k = self._keep[idx]
+        A = kkt.A.dense(kkt.B)[idx]
+        P = (kkt.P.dense(kkt.B)[idx] if kkt.P is not None
+             else A.new_zeros(idx.numel(), n, n))
+        top = torch.cat((P, A.mT * k.unsqueeze(1)), 2)
+        bottom = torch.cat((A * k.unsqueeze(2), torch.diag_embed(k - 1.0)), 2)
+        K = torch.cat((top, bottom), 1)
+        rhs = torch.cat((r1[idx], r2[idx]), 2).mT
+        LU, piv, info = torch.linalg.lu_factor_ex(K)
+        sol = torch.linalg.lu_solve(LU, piv, rhs).mT
+        ok = (info == 0) & torch.isfinite(sol).all(2).all(1)
+        # Reject near-singular factors: the LU solution must solve K̃ to a small backward error.
+        res = (K @ sol.mT).mT - rhs.mT
+        scale = self._scale * sol.abs().amax((1, 2)) + rhs.abs().amax((1, 2))
+        ok &= res.abs().amax((1, 2)) <= 1e6 * torch.finfo(K.dtype).eps * scale
+        bu, bv = self._barrier(r1, r2)  # the factorization is the whole batch's
+        bu, bv = bu[idx], bv[idx]
+        okc = ok[:, None, None]
+        u = u.clone()
+        v = v.clone()
+        u[idx] = torch.where(okc, sol[..., :n], bu)
+        v[idx] = torch.where(okc, sol[..., n:], bv)
+        self.fallback[idx[ok]] = True
+        self.degenerate[idx[~ok]] = True
+        return u, v
+
+    # -- the Differentiator protocol --------------------------------------------------------
+
+    @staticmethod
+    def _stack(*vs: Tensor) -> tuple[bool, list[Tensor]]:
+        vec = vs[0].dim() == 2
+        return vec, [v.unsqueeze(1) if vec else v.mT for v in vs]
+
+    @staticmethod
+    def _unstack(vec: bool, *vs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(v.squeeze(1) if vec else v.mT for v in vs)
 
     def adjoint(self, gx: Tensor, gy: Tensor, gs: Tensor) -> tuple[Tensor, Tensor]:
-        """``λ = −J⁻ᵀ (g_x, g_y + (∂s/∂y)ᵀ g_s)``; ``J`` is symmetric."""
-        return self._solve(-gx, -(gy + self._ds_dy(gs)))
+        """``λ = −J⁻ᵀ (g_x, g_y + (∂s/∂y)ᵀ g_s)``; ``J`` is symmetric.
+
+        Snapped: ``λ = −K̃⁻¹ (g_x − A_Iᵀ g_{s,I}, g_{y,R})`` on the kept rows ``R`` and
+        ``λ_I = −g_{s,I}`` on the inactive rows ``I`` (``ds_I = −(A_I dx + dR_I)``).
+        """
+        out_dt = gx.dtype
+        vec, (gx, gy, gs) = self._stack(gx, gy, gs)
+        if not self.exact:
+            D = self._kkt.D.to(gs.dtype).unsqueeze(1)
+            l1, l2 = self._barrier(-gx, -(gy - D * gs))
+            return self._unstack(vec, l1.to(out_dt), l2.to(out_dt))
+        dt = self._kkt.dtype
+        gx, gy, gs = gx.to(dt), gy.to(dt), gs.to(dt)
+        k = self._keep.unsqueeze(1)
+        gsI = gs * (1.0 - k)
+        u, v = self._snapped(-(gx - self._kkt.A.rmv(gsI)), -gy * k)
+        v = v * k - gsI
+        return self._unstack(vec, u.to(out_dt), v.to(out_dt))
 
     def tangent(self, dr1: Tensor, dr2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(dx, dy) = −J⁻¹ (dR₁, dR₂)`` and ``ds = (∂s/∂y) dy``."""
-        dx, dy = self._solve(-dr1, -dr2)
-        return dx, dy, self._ds_dy(dy)
+        """``(dx, dy) = −J⁻¹ (dR₁, dR₂)`` and ``ds = (∂s/∂y) dy``.
+
+        Snapped: ``(dx, dy_R) = −K̃⁻¹ (dR₁, dR_{2,R})``, ``dy_I = 0``, ``ds_R = 0`` and
+        ``ds_I = −(A_I dx + dR_{2,I})``.
+        """
+        out_dt = dr1.dtype
+        vec, (dr1, dr2) = self._stack(dr1, dr2)
+        if not self.exact:
+            dx, dy = self._barrier(-dr1, -dr2)
+            ds = -self._kkt.D.to(dy.dtype).unsqueeze(1) * dy
+            return self._unstack(vec, dx.to(out_dt), dy.to(out_dt), ds.to(out_dt))
+        dt = self._kkt.dtype
+        dr1, dr2 = dr1.to(dt), dr2.to(dt)
+        k = self._keep.unsqueeze(1)
+        dx, dy = self._snapped(-dr1, -dr2 * k)
+        dy = dy * k
+        ds = -(self._kkt.A.mv(dx) + dr2) * (1.0 - k)
+        return self._unstack(vec, dx.to(out_dt), dy.to(out_dt), ds.to(out_dt))
 
 
 def _warm_point(
@@ -537,7 +689,11 @@ class NativeIPM(Backend):
       that ``solver_args`` written for the per-item conic backends also work here.
 
     The solution carries a differentiator whose linear solves reuse the final Cholesky factor,
-    which is that of ``J = [[P, Aᵀ], [A, −diag(s/y)]]`` at the returned point.
+    which is that of ``J = [[P, Aᵀ], [A, −diag(s/y)]]`` at the returned point: with ``mu > 0``
+    it solves with ``J``; with ``mu = 0`` with the exact KKT system (active set snapped from
+    ``y > s``), preconditioned by that factor (dense LU for the items where that does not
+    converge; items where the snapped system is singular keep ``J`` and are flagged in the
+    differentiator's ``degenerate``).
 
     Examples:
         >>> import numpy as np, torch
@@ -573,7 +729,8 @@ class NativeIPM(Backend):
         opts = _options(options, program.c.dtype)
         with torch.no_grad():
             out, kkt, _ = _solve(program, opts, quadratic)
-        out.differentiator = _IPMDifferentiator(kkt, opts["refine"] + 3)
+        out.differentiator = _IPMDifferentiator(
+            kkt, opts["refine"] + 3, dims.zero, out.s, out.y, exact=float(opts["mu"]) == 0.0)
         elapsed = (time.perf_counter() - start) / max(program.batch_size, 1)
         out.solve_time = [elapsed] * program.batch_size
         return out

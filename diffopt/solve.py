@@ -96,11 +96,14 @@ class _Call:
     def differentiator(self):
         if self._diff is None:
             self._diff = KKTDifferentiator(self.program, self.x, self.y, self.s, self.ok, self.kkt)
+        return self._diff
+
+    def record_degenerate(self) -> None:
+        """Copy the differentiator's per-item degeneracy flags (set by its solves) into ``info``."""
         if self.info is not None:
             flags = getattr(self._diff, "degenerate", None)  # backends may not flag items
             self.info.degenerate = ([False] * len(self.info.status) if flags is None
                                     else [bool(d) for d in flags])
-        return self._diff
 
 
 def _describe(failed: dict) -> str:
@@ -243,7 +246,9 @@ class _KKTSolve(torch.autograd.Function):
     @staticmethod
     def forward(anchor, call, kind, *rhs):
         diff = call.differentiator()
-        return diff.adjoint(*rhs) if kind == "adjoint" else diff.tangent(*rhs)
+        out = diff.adjoint(*rhs) if kind == "adjoint" else diff.tangent(*rhs)
+        call.record_degenerate()
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):

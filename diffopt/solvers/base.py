@@ -223,7 +223,14 @@ class PerItemBackend(Backend):
     """
 
     def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:  # pragma: no cover
+        """Solve one item. ``P`` is the upper triangle of the quadratic term (CSC) or None; the
+        rows of ``A``, ``b`` and of the returned ``y``, ``s`` are in :meth:`row_permutation`
+        order."""
         raise NotImplementedError
+
+    def row_permutation(self, dims: ConeDims) -> np.ndarray | None:
+        """Rows of diffopt's standard form in the order the solver wants them (None: unchanged)."""
+        return None
 
     def solve(self, program: ConeProgram, options: dict) -> Solution:
         options = dict(options)
@@ -235,13 +242,21 @@ class PerItemBackend(Backend):
         if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
             raise ValueError(f"n_jobs must be a positive integer, received {n_jobs!r}")
         n_jobs = int(min(n_jobs, max(B, 1)))
+        # The sparse layouts are computed once per call; each item then only gathers its values.
+        perm = self.row_permutation(program.dims)
+        b = program.b.detach().cpu().double().numpy()
+        pa, pp = program.A_pattern, program.P_pattern
         data = _Batch(
             c=program.c.detach().cpu().double().numpy(),
-            b=program.b.detach().cpu().double().numpy(),
+            b=b if perm is None else b[:, perm],
             A_values=program.A_values.detach().cpu().double().numpy(),
             P_values=None if program.P_values is None
             else program.P_values.detach().cpu().double().numpy(),
-            A_pattern=program.A_pattern, P_pattern=program.P_pattern, dims=program.dims,
+            A_layout=_CSCLayout(pa.rows if perm is None else np.argsort(perm)[pa.rows], pa.cols,
+                                pa.shape),
+            P_layout=None if pp is None else _CSCLayout(pp.rows, pp.cols, pp.shape,
+                                                        keep=pp.rows <= pp.cols),
+            dims=program.dims,
         )
         if n_jobs == 1:
             results = _solve_items(self, data, options)
@@ -253,32 +268,54 @@ class PerItemBackend(Backend):
         ref = program.c
         n, m = program.n, program.m
 
-        def stack(attr: str, size: int) -> torch.Tensor:
+        unpermute = None if perm is None else np.argsort(perm)
+
+        def stack(attr: str, size: int, rows: bool = False) -> torch.Tensor:
             out = np.full((B, size), np.nan)
             for i, r in enumerate(results):
                 val = getattr(r, attr)
                 if r.status.ok and val is not None:
-                    out[i] = val
+                    out[i] = val if not rows or unpermute is None else val[unpermute]
             return torch.as_tensor(out, dtype=ref.dtype).to(ref.device)
 
         return Solution(
-            x=stack("x", n), y=stack("y", m), s=stack("s", m),
+            x=stack("x", n), y=stack("y", m, rows=True), s=stack("s", m, rows=True),
             status=[r.status for r in results],
             iterations=[r.iterations for r in results],
             solve_time=[r.solve_time for r in results],
         )
 
 
+class _CSCLayout:
+    """A fixed sparsity pattern in CSC order: per item, ``matrix(values)`` only gathers values.
+
+    ``keep`` selects the entries to use (e.g. the upper triangle of a symmetric ``P``).
+    """
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int],
+                 keep: np.ndarray | None = None) -> None:
+        idx = np.arange(rows.size) if keep is None else np.flatnonzero(keep)
+        order = np.lexsort((rows[idx], cols[idx]))  # column-major, rows sorted within a column
+        self.take = idx[order]
+        self.indices = rows[self.take].astype(np.int32)
+        counts = np.bincount(cols[self.take], minlength=shape[1])
+        self.indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        self.shape = shape
+
+    def matrix(self, values: np.ndarray) -> sp.csc_matrix:
+        return sp.csc_matrix((values[self.take], self.indices, self.indptr), shape=self.shape)
+
+
 @dataclass
 class _Batch:
-    """The NumPy/SciPy data of a batch (or a slice of it)."""
+    """The NumPy/SciPy data of a batch (or a slice of it), with the per-call sparse layouts."""
 
     c: np.ndarray
     b: np.ndarray
     A_values: np.ndarray
     P_values: np.ndarray | None
-    A_pattern: SparsePattern
-    P_pattern: SparsePattern | None
+    A_layout: _CSCLayout
+    P_layout: _CSCLayout | None
     dims: ConeDims
 
     @property
@@ -288,18 +325,17 @@ class _Batch:
     def take(self, rows: slice) -> _Batch:
         return _Batch(self.c[rows], self.b[rows], self.A_values[rows],
                       None if self.P_values is None else self.P_values[rows],
-                      self.A_pattern, self.P_pattern, self.dims)
+                      self.A_layout, self.P_layout, self.dims)
 
 
 def _solve_items(backend: PerItemBackend, data: _Batch, options: dict) -> list[ItemResult]:
     """Solve the items of ``data`` one after the other."""
-    pa, pp = data.A_pattern, data.P_pattern
     out = []
     for i in range(data.size):
-        A = sp.csc_matrix((data.A_values[i], (pa.rows, pa.cols)), shape=pa.shape)
+        A = data.A_layout.matrix(data.A_values[i])
         P = None
-        if pp is not None and data.P_values is not None:
-            P = sp.csc_matrix((data.P_values[i], (pp.rows, pp.cols)), shape=pp.shape)
+        if data.P_layout is not None and data.P_values is not None:
+            P = data.P_layout.matrix(data.P_values[i])
         out.append(backend.solve_one(P, data.c[i], A, data.b[i], data.dims, options))
     return out
 

@@ -74,8 +74,6 @@ class ClarabelBackend(PerItemBackend):
                     "n_jobs or a clarabel.DefaultSettings attribute"
                 )
             setattr(settings, key, val)
-        perm = psd_permutation(dims)
-        inv = np.argsort(perm)
         cones = []
         if dims.zero:
             cones.append(clarabel.ZeroConeT(dims.zero))
@@ -85,12 +83,13 @@ class ClarabelBackend(PerItemBackend):
         cones += [clarabel.PSDTriangleConeT(k) for k in dims.psd]
         cones += [clarabel.ExponentialConeT() for _ in range(dims.exp)]
         n = c.size
-        P = sp.csc_matrix((n, n)) if P is None else sp.triu(P, format="csc")
+        P = sp.csc_matrix((n, n)) if P is None else P
         start = time.perf_counter()
-        solver = clarabel.DefaultSolver(P, c, sp.csc_matrix(A[perm]), b[perm], cones, settings)
-        sol = solver.solve()
+        sol = clarabel.DefaultSolver(P, c, A, b, cones, settings).solve()
         elapsed = time.perf_counter() - start
         status = _STATUS.get(str(sol.status), Status.NUMERICAL_ERROR)
-        y = np.asarray(sol.z)[inv]
-        s = np.asarray(sol.s)[inv]
-        return ItemResult(np.asarray(sol.x), y, s, status, int(sol.iterations), elapsed)
+        return ItemResult(np.asarray(sol.x), np.asarray(sol.z), np.asarray(sol.s), status,
+                          int(sol.iterations), elapsed)
+
+    def row_permutation(self, dims: ConeDims) -> np.ndarray | None:
+        return psd_permutation(dims) if dims.psd else None

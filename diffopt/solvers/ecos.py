@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import scipy.sparse as sp
 
 from diffopt.cones import ConeDims
 from diffopt.solvers.base import ItemResult, PerItemBackend, Status
@@ -47,9 +46,6 @@ class ECOSBackend(PerItemBackend):
                   "max_iters": int(options.pop("max_iters", 200)),
                   "verbose": bool(options.pop("verbose", False))}
         kwargs.update(options)
-        perm = _exp_permutation(dims)
-        A = sp.csc_matrix(A)[perm]
-        b = b[perm]
         z = dims.zero
         cone = {"l": dims.nonneg, "q": list(dims.soc), "e": dims.exp}
         start = time.perf_counter()
@@ -59,6 +55,9 @@ class ECOSBackend(PerItemBackend):
             sol = ecos.solve(c, A[z:], b[z:], cone, **kwargs)
         elapsed = time.perf_counter() - start
         status = _STATUS.get(sol["info"]["exitFlag"], Status.NUMERICAL_ERROR)
-        y = np.concatenate([np.asarray(sol["y"]).ravel() if z else np.zeros(0), sol["z"]])[perm]
-        s = np.concatenate([np.zeros(z), sol["s"]])[perm]
+        y = np.concatenate([np.asarray(sol["y"]).ravel() if z else np.zeros(0), sol["z"]])
+        s = np.concatenate([np.zeros(z), sol["s"]])
         return ItemResult(np.asarray(sol["x"]), y, s, status, int(sol["info"]["iter"]), elapsed)
+
+    def row_permutation(self, dims: ConeDims) -> np.ndarray | None:
+        return _exp_permutation(dims) if dims.exp else None

@@ -50,9 +50,9 @@ class SCSBackend(PerItemBackend):
             A, b = sp.csc_matrix((1, c.size)), np.zeros(1)
         cone = {"z": max(dims.zero, 1 - m), "l": dims.nonneg, "q": list(dims.soc), "s": list(dims.psd),
                 "ep": dims.exp}
-        data = {"A": sp.csc_matrix(A), "b": b, "c": c}
+        data = {"A": A, "b": b, "c": c}
         if P is not None:
-            data["P"] = sp.triu(P, format="csc")
+            data["P"] = P
         start = time.perf_counter()
         try:
             sol = scs.SCS(data, cone, **settings).solve()

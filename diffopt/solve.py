@@ -47,6 +47,14 @@ def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False)
 class SolveInfo:
     """Per-item diagnostics of the last solve (and, after backward, of its derivative).
 
+    Examples:
+        >>> import torch
+        >>> from diffopt import QPLayer
+        >>> layer = QPLayer()
+        >>> x = layer(torch.eye(2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64))
+        >>> layer.info.status[0].name, len(layer.info.status), max(layer.info.primal_residual) < 1e-8
+        ('OPTIMAL', 3, True)
+
     Attributes:
         status: canonical :class:`~diffopt.Status` per item.
         iterations: iterations per item, as reported by the backend.

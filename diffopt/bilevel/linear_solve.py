@@ -25,6 +25,17 @@ class LinearSolveInfo:
         iterations: Hessian-vector products spent (for ``"direct"``: the matrix dimension).
         residual: relative residual :math:`\\|Hu - v\\| / \\|v\\|` of the returned solution.
         converged: whether ``residual`` reached the requested tolerance.
+
+    Examples:
+        >>> import torch
+        >>> import diffopt.bilevel as bl
+        >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        >>> f = lambda w, lam: ((w - 3.0) ** 2).sum() + lam * (w ** 2).sum()
+        >>> w, diag = bl.minimize(f, torch.zeros(2, dtype=torch.float64), lam, steps=200, lr=0.2,
+        ...                       backward=bl.Implicit(solver="cg"), return_diagnostics=True)
+        >>> w.sum().backward()
+        >>> diag.linear_solve.converged, diag.linear_solve.residual < 1e-10
+        (True, True)
     """
 
     solver: str

@@ -27,6 +27,17 @@ class NotConvergedWarning(UserWarning):
     The implicit hypergradient assumes :math:`\\nabla_w f(w^\\star, \\lambda) = 0`; away from the
     optimum it is the gradient of a different problem. Raise ``steps``, tune ``lr``, or switch to
     :class:`Unrolled` / :class:`Truncated`, which differentiate the iterates actually computed.
+
+    Examples:
+        >>> import warnings, torch
+        >>> import diffopt.bilevel as bl
+        >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        >>> f = lambda w, lam: ((w - 3.0) ** 2).sum() + lam * (w ** 2).sum()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     w = bl.minimize(f, torch.zeros(2, dtype=torch.float64), lam, steps=2, lr=0.01)
+        >>> caught[0].category is bl.NotConvergedWarning
+        True
     """
 
 
@@ -143,6 +154,19 @@ class Diagnostics:
             :class:`Implicit` with ``tol=None`` its ``stationarity_tol``); ``None`` when no
             tolerance applies (unrolled or truncated with ``tol=None``).
         linear_solve: filled in by the implicit backward pass (the latest one), else ``None``.
+
+    Examples:
+        >>> import torch
+        >>> import diffopt.bilevel as bl
+        >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        >>> f = lambda w, lam: ((w - 3.0) ** 2).sum() + lam * (w ** 2).sum()
+        >>> w, diag = bl.minimize(f, torch.zeros(2, dtype=torch.float64), lam, steps=200, lr=0.2,
+        ...                       return_diagnostics=True)
+        >>> diag.steps, diag.converged
+        (200, True)
+        >>> w.sum().backward()  # w* = 3/(1+λ): dΣw*/dλ = −6/(1+λ)² = −2.667
+        >>> round(float(lam.grad), 4), diag.linear_solve.solver
+        (-2.6667, 'cg')
     """
 
     strategy: Strategy

@@ -28,7 +28,15 @@ from diffopt.cones import ConeDims
 
 
 class Status(enum.Enum):
-    """Canonical outcome of one solve. The value is a sentence telling the user what it means."""
+    """Canonical outcome of one solve. The value is a sentence telling the user what it means.
+
+    Examples:
+        >>> from diffopt import Status
+        >>> Status.INFEASIBLE.ok, Status.OPTIMAL.ok
+        (False, True)
+        >>> Status.MAX_ITERATIONS.value
+        'the iteration limit was reached before convergence; raise max_iters or check scaling'
+    """
 
     OPTIMAL = "solved to the requested tolerance"
     INACCURATE = (

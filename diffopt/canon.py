@@ -177,7 +177,6 @@ class ConeTemplate:
         self.n = int(pp.x.size)
         self.m = int(data["A"].shape[0])
         self.param_shapes = [tuple(p.shape) for p in parameters]
-        self.param_signs = [(p.name(), p.is_nonneg(), p.is_pos()) for p in parameters]
 
         T = self._user_to_theta(parameters, pp, chain)
         n, m = self.n, self.m

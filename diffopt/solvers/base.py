@@ -47,7 +47,6 @@ class Status(enum.Enum):
     UNBOUNDED = "the problem is unbounded (dual infeasible) for these parameter values"
     MAX_ITERATIONS = "the iteration limit was reached before convergence; raise max_iters or check scaling"
     NUMERICAL_ERROR = "the solver failed numerically; check the scaling of the problem data"
-    NOT_SOLVED = "the item was not solved"
 
     @property
     def ok(self) -> bool:

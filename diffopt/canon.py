@@ -69,11 +69,12 @@ def unflatten_f(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out.permute(0, *range(len(shape), 0, -1))
 
 
-def _culprit(expr):
-    """Deepest sub-expression (or constraint) of ``expr`` that breaks DPP, for the error message."""
+def _culprit(expr, dpp: bool):
+    """Deepest sub-expression (or constraint) of ``expr`` that breaks DCP (or, with ``dpp``, DPP),
+    for the error message."""
     for arg in getattr(expr, "args", []):
-        if not arg.is_dcp(dpp=True):
-            return _culprit(arg)
+        if not arg.is_dcp(dpp=dpp):
+            return _culprit(arg, dpp)
     return expr
 
 
@@ -87,7 +88,7 @@ def _check_problem(problem, parameters, variables) -> None:
         parts = [problem.objective] + list(problem.constraints)
         bad = next(p for p in parts if not p.is_dcp())
         raise ProblemError(
-            f"the problem is not DCP (disciplined convex): `{_culprit_dcp(bad)}` breaks the DCP "
+            f"the problem is not DCP (disciplined convex): `{_culprit(bad, dpp=False)}` breaks the DCP "
             "rules, so it is not a convex problem CVXPY can canonicalize; reformulate it "
             "(https://www.cvxpy.org/tutorial/dcp)"
         )
@@ -95,7 +96,7 @@ def _check_problem(problem, parameters, variables) -> None:
         parts = [problem.objective] + list(problem.constraints)
         bad = next(p for p in parts if not p.is_dcp(dpp=True))
         raise ProblemError(
-            f"the problem is DCP but not DPP: `{_culprit(bad)}` uses parameters in a way DPP "
+            f"the problem is DCP but not DPP: `{_culprit(bad, dpp=True)}` uses parameters in a way DPP "
             "forbids (parameters may only enter affinely, or multiply parameter-free "
             "expressions), so it cannot be canonicalized once for all parameter values; "
             "rewrite it, e.g. replace a product of parameters by one new parameter "
@@ -140,11 +141,6 @@ def _check_problem(problem, parameters, variables) -> None:
             )
 
 
-def _culprit_dcp(expr):
-    for arg in getattr(expr, "args", []):
-        if not arg.is_dcp():
-            return _culprit_dcp(arg)
-    return expr
 
 
 class ConeTemplate:

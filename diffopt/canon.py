@@ -55,14 +55,14 @@ class Recovery:
 
 
 def flatten_f(t: torch.Tensor, nbatch: int = 1) -> torch.Tensor:
-    """Flatten the trailing dims of ``t`` in column-major order (CVXPY's), keeping ``nbatch`` dims."""
+    """Flatten the trailing dims of ``t`` column-major (CVXPY's order), keeping ``nbatch`` dims."""
     core = t.ndim - nbatch
     perm = list(range(nbatch)) + list(range(t.ndim - 1, nbatch - 1, -1))
     return t.permute(perm).reshape(*t.shape[:nbatch], -1) if core else t.reshape(*t.shape, 1)
 
 
 def unflatten_f(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`flatten_f` for one leading batch dim: ``(B, prod(shape))`` -> ``(B, *shape)``."""
+    """Inverse of :func:`flatten_f` for one batch dim: ``(B, prod(shape))`` -> ``(B, *shape)``."""
     if not shape:
         return v.reshape(v.shape[0])
     out = v.reshape(v.shape[0], *reversed(shape))
@@ -88,7 +88,8 @@ def _check_problem(problem, parameters, variables) -> None:
         parts = [problem.objective] + list(problem.constraints)
         bad = next(p for p in parts if not p.is_dcp())
         raise ProblemError(
-            f"the problem is not DCP (disciplined convex): `{_culprit(bad, dpp=False)}` breaks the DCP "
+            "the problem is not DCP (disciplined convex): "
+            f"`{_culprit(bad, dpp=False)}` breaks the DCP "
             "rules, so it is not a convex problem CVXPY can canonicalize; reformulate it "
             "(https://www.cvxpy.org/tutorial/dcp)"
         )
@@ -96,7 +97,8 @@ def _check_problem(problem, parameters, variables) -> None:
         parts = [problem.objective] + list(problem.constraints)
         bad = next(p for p in parts if not p.is_dcp(dpp=True))
         raise ProblemError(
-            f"the problem is DCP but not DPP: `{_culprit(bad, dpp=True)}` uses parameters in a way DPP "
+            f"the problem is DCP but not DPP: `{_culprit(bad, dpp=True)}` uses parameters in a "
+            "way DPP "
             "forbids (parameters may only enter affinely, or multiply parameter-free "
             "expressions), so it cannot be canonicalized once for all parameter values; "
             "rewrite it, e.g. replace a product of parameters by one new parameter "
@@ -231,7 +233,7 @@ class ConeTemplate:
 
     @staticmethod
     def _pattern_map(M, shape) -> tuple[AffineMap, SparsePattern]:
-        """Keep the structurally nonzero rows of a column-major ``vec`` map as a sparsity pattern."""
+        """Keep the structurally nonzero rows of a column-major ``vec`` map as a pattern."""
         M = sp.csr_array(M)
         nz = np.flatnonzero(np.diff(M.indptr))
         r, c = nz % shape[0], nz // shape[0]

@@ -57,7 +57,7 @@ class SolverError(DiffoptError, RuntimeError):
         >>> from diffopt import QPLayer, SolverError
         >>> P, q = torch.eye(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         >>> G = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
-        >>> h = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)  # item 1: x ≤ −1, x ≥ 0
+        >>> h = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)  # 1: x ≤ −1, x ≥ 0
         >>> try:
         ...     QPLayer()(P, q, G, h)
         ... except SolverError as err:

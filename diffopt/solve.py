@@ -52,7 +52,8 @@ class SolveInfo:
         >>> from diffopt import QPLayer
         >>> layer = QPLayer()
         >>> x = layer(torch.eye(2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64))
-        >>> layer.info.status[0].name, len(layer.info.status), max(layer.info.primal_residual) < 1e-8
+        >>> info = layer.info
+        >>> info.status[0].name, len(info.status), max(info.primal_residual) < 1e-8
         ('OPTIMAL', 3, True)
 
     Attributes:
@@ -153,7 +154,8 @@ class _ConeSolve(torch.autograd.Function):
         failed = {i: st for i, (st, good) in enumerate(zip(sol.status, ok_status)) if not good}
         if failed and call.on_failure == "raise":
             raise SolverError(
-                f"{len(failed)} of {B} problem(s) in the batch were not solved ({_describe(failed)}). "
+                f"{len(failed)} of {B} problem(s) in the batch were not solved "
+                f"({_describe(failed)}). "
                 "Pass solver_args={'on_failure': 'nan'} to return NaN for failed items (with zero "
                 "gradient) instead of raising; statuses and residuals are in layer.info.",
                 failed,
@@ -204,7 +206,8 @@ class _ConeSolve(torch.autograd.Function):
         l1 = torch.where(ok[:, None], l1, torch.zeros_like(l1))
         l2 = torch.where(ok[:, None], l2, torch.zeros_like(l2))
         pa = call.A_pattern
-        ra, ca = torch.as_tensor(pa.rows, device=x.device), torch.as_tensor(pa.cols, device=x.device)
+        ra = torch.as_tensor(pa.rows, device=x.device)
+        ca = torch.as_tensor(pa.cols, device=x.device)
         gA = y[:, ra] * l1[:, ca] + l2[:, ra] * x[:, ca]
         gP = None
         if call.P_pattern is not None:

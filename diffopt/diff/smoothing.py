@@ -59,7 +59,7 @@ class Exact(GradientMode):
 
 
 def _with_diagonal(P_pattern: SparsePattern | None, P_values, n: int, diag):
-    """Add ``diag`` (a tensor ``(B, n)``) to the diagonal of ``P``, growing the pattern if needed."""
+    """Add ``diag`` (``(B, n)``) to the diagonal of ``P``, growing the pattern if needed."""
     B = diag.shape[0]
     if P_pattern is None:
         idx = np.arange(n)

@@ -43,9 +43,14 @@ class Status(enum.Enum):
         "the solver stopped close to, but not at, the requested tolerance; loosen the tolerance "
         "or pass allow_inaccurate=True to accept such solutions"
     )
-    INFEASIBLE = "the problem is primal infeasible for these parameter values: no point satisfies the constraints"
+    INFEASIBLE = (
+        "the problem is primal infeasible for these parameter values: no point satisfies the "
+        "constraints"
+    )
     UNBOUNDED = "the problem is unbounded (dual infeasible) for these parameter values"
-    MAX_ITERATIONS = "the iteration limit was reached before convergence; raise max_iters or check scaling"
+    MAX_ITERATIONS = (
+        "the iteration limit was reached before convergence; raise max_iters or check scaling"
+    )
     NUMERICAL_ERROR = "the solver failed numerically; check the scaling of the problem data"
 
     @property
@@ -229,7 +234,7 @@ class PerItemBackend(Backend):
         >>> # layer(..., solver_args={"n_jobs": 2})  # two worker threads
     """
 
-    def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:  # pragma: no cover
+    def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:
         """Solve one item. ``P`` is the upper triangle of the quadratic term (CSC) or None; the
         rows of ``A``, ``b`` and of the returned ``y``, ``s`` are in :meth:`row_permutation`
         order."""
@@ -348,7 +353,7 @@ def _solve_items(backend: PerItemBackend, data: _Batch, options: dict) -> list[I
 
 
 def _blas_limit(n_threads: int):
-    """Limit BLAS/OpenMP threads for the duration of a ``with`` block (no-op without threadpoolctl)."""
+    """Limit BLAS/OpenMP threads within a ``with`` block (no-op without threadpoolctl)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl comes with SciPy

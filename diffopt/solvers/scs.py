@@ -48,7 +48,8 @@ class SCSBackend(PerItemBackend):
         m = b.size
         if m == 0:  # SCS needs at least one row: add the trivial equality 0·x = 0
             A, b = sp.csc_matrix((1, c.size)), np.zeros(1)
-        cone = {"z": max(dims.zero, 1 - m), "l": dims.nonneg, "q": list(dims.soc), "s": list(dims.psd),
+        cone = {"z": max(dims.zero, 1 - m), "l": dims.nonneg, "q": list(dims.soc),
+                "s": list(dims.psd),
                 "ep": dims.exp}
         data = {"A": A, "b": b, "c": c}
         if P is not None:

@@ -454,6 +454,44 @@ def test_bounds_form_derivative_solves_the_returned_points_system(mu):
 
 
 # ---------------------------------------------------------------------------------------------
+# The dual form: positive definite P, Schur complement A(P + δI)⁻¹Aᵀ + D formed once
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("share", ["none", "P", "A", "both"])
+def test_dual_form_matches_clarabel(share):
+    B, n, p, l = 5, 12, 2, 16
+    P, c, A, b = random_problem(B, n, p, l, seed=21)
+    if share in ("A", "both"):  # the first item's feasible set for all; P is positive definite
+        A, b = A[:1].expand_as(A), b[:1].expand_as(b)
+    if share in ("P", "both"):
+        P = P[:1].expand_as(P)
+    sol = NativeIPM().solve(program(P, c, A, b, p, l), {})
+    kkt = sol.differentiator._kkt
+    assert kkt.dual and kkt.PG.shared == (share == "both")
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    x, y, s = clarabel_reference(P, c, A, b, p, l)
+    assert rel_err(sol.x, x) <= TOL_REF
+    assert rel_err(sol.y, y) <= TOL_REF
+    assert rel_err(sol.s, s) <= TOL_REF
+
+
+def test_ill_conditioned_P_keeps_the_general_form():
+    # λ_min(P)/λ_max(P) ~ 1e-9: (P + δI)⁻¹ would amplify round-off in the dual form's S.
+    P, c, A, b = random_problem(4, 10, 2, 16, seed=22)
+    scale = torch.ones(10, dtype=P.dtype)
+    scale[0] = 1e-4
+    P = P * scale[:, None] * scale[None, :]
+    sol = NativeIPM().solve(program(P, c, A, b, 2, 16), {})
+    kkt = sol.differentiator._kkt
+    assert not kkt.dual and not kkt.bounds
+    x, y, s = clarabel_reference(P, c, A, b, 2, 16)
+    assert rel_err(sol.x, x) <= TOL_REF
+    assert rel_err(sol.y, y) <= TOL_REF
+    assert rel_err(sol.s, s) <= TOL_REF
+
+
+# ---------------------------------------------------------------------------------------------
 # Loose boxes: every constraint inactive at the optimum (regression: the iterations stalled)
 # ---------------------------------------------------------------------------------------------
 

@@ -99,6 +99,9 @@ _OPTION_KEYS = (
 )
 # Static regularization of the τ pivot (the denominator of dτ), per dtype of the iterates.
 _TAU_REG = {torch.float64: 1e-12, torch.float32: 0.0}
+# Smallest λ_min/λ_max (estimated from the Cholesky factor's diagonal) of P + δI for the dual
+# form of the KKT solves.
+_DUAL_COND = 1e-6
 _SNAP_STEPS = 4  # preconditioned refinement steps of the exact derivative before the dense LU
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary taken by a combined step
 _WARM_SHIFT = 1e-3  # distance from the boundary of a warm-started point (relative)
@@ -223,6 +226,14 @@ class _Matrix:
         self.shared = shared
 
     @staticmethod
+    def of_transpose(MT: Tensor, shared: bool) -> _Matrix:
+        """The matrices whose transposes are ``MT``, for products ``mv`` (``rmv`` is slower)."""
+        out = _Matrix.__new__(_Matrix)
+        out.MT = MT[0].contiguous() if shared else MT.contiguous()
+        out.M, out.shared = out.MT.mT, shared
+        return out
+
+    @staticmethod
     def from_pattern(values: Tensor, pattern: Any) -> _Matrix:
         """The dense matrices of ``(B, nnz)`` values on a :class:`SparsePattern`."""
         # Not when recording gradients: each item's values must get its own gradient.
@@ -231,11 +242,13 @@ class _Matrix:
             and bool((values == values[:1]).all()))
         if shared:
             values = values[:1]
-        out = values.new_zeros(values.shape[0], *pattern.shape)
-        rows = torch.as_tensor(pattern.rows, device=out.device)
-        cols = torch.as_tensor(pattern.cols, device=out.device)
-        out[:, rows, cols] = values
-        return _Matrix(out, shared)
+        r, c = pattern.shape
+        flat = pattern.rows * c + pattern.cols
+        if flat.size == r * c and bool((flat == np.arange(r * c)).all()):
+            return _Matrix(values.reshape(values.shape[0], r, c), shared)  # dense: no scatter
+        out = values.new_zeros(values.shape[0], r * c)
+        out.index_copy_(1, torch.as_tensor(flat, device=out.device), values)
+        return _Matrix(out.view(values.shape[0], r, c), shared)
 
     def to(self, dtype: torch.dtype) -> _Matrix:
         out = _Matrix.__new__(_Matrix)
@@ -329,7 +342,12 @@ class _KKT:
       such as ``0 ≤ x ≤ 1``), ``G = P + δI + A_Iᵀ W_I A_I`` is diagonal; eliminating ``y_I`` and
       ``x`` leaves the Schur complement ``S = A_E G⁻¹ A_Eᵀ + δI`` on the ``p`` equality rows
       (``p × p``; the equality rows no longer carry the ``1/δ`` weights of the general form),
-      used when ``p < n``.
+      used when ``p < n``;
+    - dual: when ``P`` is positive definite (well conditioned), eliminate ``x`` instead,
+      ``S = A (P + δI)⁻¹ Aᵀ + D + δI`` (``m × m``): ``A (P + δI)⁻¹ Aᵀ`` does not change between
+      iterations, so it is formed once and each iteration only adds the diagonal and factors
+      ``S``, instead of forming ``Aᵀ W A`` (``2mn²`` flops per item) and factoring it; used when
+      ``m³ ≤ 6mn² + n³``.
 
     Right-hand sides and solutions are stacks of row vectors, ``(B, k, n)`` and ``(B, k, m)``.
     """
@@ -347,7 +365,8 @@ class _KKT:
         self.D = A.M.new_zeros(B, m, dtype=dtype)
         self.w = self.D
         self.bounds = p < n and self._bounds_form()
-        if self.bounds:
+        self.dual = not self.bounds and self._dual_form()
+        if self.bounds or self.dual:
             return
         base = (self.P.dense(B) if self.P is not None
                 else A.M.new_zeros(1, n, n, dtype=dtype).expand(B, -1, -1))
@@ -385,6 +404,36 @@ class _KKT:
         self.base[:, :: p + 1] = self.reg
         return True
 
+    def _dual_form(self) -> bool:
+        """Set up the dual form (see the class doc) if ``P`` allows it and it is cheaper."""
+        P, A, n = self.P, self.A, self.n
+        m = A.M.shape[-2]
+        # Per iteration: an m×m Cholesky instead of the Gram product Aᵀ W A (2mn² flops) and
+        # an n×n Cholesky.
+        if P is None or m**3 > 6 * m * n * n + n**3:
+            return False
+        eye = torch.eye(n, dtype=P.M.dtype, device=P.M.device)
+        U, info = torch.linalg.cholesky_ex(P.M + self.reg * eye, upper=True)
+        d = U.diagonal(dim1=-2, dim2=-1)
+        # Only for a well-conditioned P: (P + δI)⁻¹ must not amplify round-off in S.
+        if bool((info > 0).any()) or bool((d.amin(-1) ** 2 < _DUAL_COND * d.amax(-1) ** 2).any()):
+            return False
+        shared = P.shared and A.shared
+        if not shared and P.shared:
+            U = U.expand(self.B, -1, -1)
+        AM, AT = (A.M, A.MT) if shared or not A.shared else (
+            A.M.expand(self.B, -1, -1), A.MT.expand(self.B, -1, -1))
+        Pinv = torch.cholesky_inverse(U, upper=True)  # faster than solves with Aᵀ
+        G = Pinv @ AT
+        M = AM @ G
+        X = torch.cat((Pinv, G), -1)
+        lead = (lambda t: t.unsqueeze(0)) if shared else (lambda t: t)
+        # PG.mv(r1) = [(P + δI)⁻¹ r1, Gᵀ r1].
+        self.PG = _Matrix.of_transpose(lead(X), shared)
+        self.G = _Matrix(lead(G), shared)
+        self.M = lead(0.5 * (M + M.mT)).expand(self.B, -1, -1)
+        return True
+
     def factor(self, D: Tensor) -> Tensor:
         """Factor at the diagonal ``D`` (``(B, m)``, zero on equality rows); return failures."""
         self.D = D = D.to(self.dtype)
@@ -397,6 +446,11 @@ class _KKT:
             self.wI, self.waI, self.ginv = wI.unsqueeze(1), (wI.unsqueeze(1) * self.aI), \
                 ginv.unsqueeze(1)
             S = self.gram(self.base, ginv).view(self.B, p, p)
+            self.L, failed = _cholesky(S, self.reg)
+            return failed
+        if self.dual:
+            S = self.M.clone()
+            S.diagonal(dim1=1, dim2=2).add_(D + self.reg)
             self.L, failed = _cholesky(S, self.reg)
             return failed
         H = self.gram(self.base, self.w).view(self.B, self.n, self.n)
@@ -417,6 +471,11 @@ class _KKT:
             x = (rt - self.AE.rmv(yE)) * ginv
             yI = (x.index_select(-1, self.col) * self.aI - r2I) * wI
             return torch.cat((x, yE, yI), -1)
+        if self.dual:
+            # x = (P + δI)⁻¹ (r1 − Aᵀy) and (A (P + δI)⁻¹ Aᵀ + D + δ) y = Gᵀ r1 − r2.
+            pg = self.PG.mv(r1)
+            y = torch.cholesky_solve((pg[..., self.n:] - r2).mT, self.L, upper=True).mT
+            return torch.cat((pg[..., :self.n] - self.G.mv(y), y), -1)
         # Eliminate y = (A x − r2)/(D + δ) from the regularized system, then H x = r1 + Aᵀ(r2 w).
         w = self.w.unsqueeze(1)
         rhs = r1 + self.A.rmv(r2 * w)
@@ -826,7 +885,7 @@ def _solve(
     refine = opts["refine"]
 
     def kkt_solve(r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
-        return kkt.solve(r1, r2, refine, exact=not kkt.bounds)
+        return kkt.solve(r1, r2, refine, exact=not (kkt.bounds or kkt.dual))
     norm_b, norm_c = _inf_norm(b), _inf_norm(c)
 
     def Pmv(v: Tensor) -> Tensor:
@@ -947,7 +1006,7 @@ def _solve(
         # Predictor: the affine direction and the shared solve K [x1; z1] = [−c; b].
         r1 = torch.stack((neg_c, -rx), dim=1)
         r2 = torch.stack((b, s - rz), dim=1)  # d_s/z = s on inequality rows, 0 on equalities
-        U = kkt.solve_packed(r1, r2, refine, exact=not kkt.bounds)
+        U = kkt.solve_packed(r1, r2, refine, exact=not (kkt.bounds or kkt.dual))
         if U.dtype != c.dtype:
             U = U.to(c.dtype)
         U1 = U[:, 0]
@@ -990,7 +1049,7 @@ def _solve(
         d_kap = torch.addcmul(tk, dt, dk) - target
         r2 = torch.addcmul(d_s_zinv, eta1, rz, value=-1.0)
         U = kkt.solve_packed((-eta1 * rx).unsqueeze(1), r2.unsqueeze(1), refine,
-                             exact=not kkt.bounds)
+                             exact=not (kkt.bounds or kkt.dual))
         if U.dtype != c.dtype:
             U = U.to(c.dtype)
         dY, _, _, _, _, ratio = direction(U[:, 0], eta * rtau, d_s_zinv, d_kap)

@@ -226,14 +226,6 @@ class _Matrix:
         self.shared = shared
 
     @staticmethod
-    def of_transpose(MT: Tensor, shared: bool) -> _Matrix:
-        """The matrices whose transposes are ``MT``, for products ``mv`` (``rmv`` is slower)."""
-        out = _Matrix.__new__(_Matrix)
-        out.MT = MT[0].contiguous() if shared else MT.contiguous()
-        out.M, out.shared = out.MT.mT, shared
-        return out
-
-    @staticmethod
     def from_pattern(values: Tensor, pattern: Any) -> _Matrix:
         """The dense matrices of ``(B, nnz)`` values on a :class:`SparsePattern`."""
         # Not when recording gradients: each item's values must get its own gradient.
@@ -309,6 +301,16 @@ class _Gram:
         if self.A.shared:
             return base + (self.A.MT @ Aw).reshape(self.B, -1)
         return torch.baddbmm(base.view(self.B, self.n, self.n), self.A.MT, Aw).view(self.B, -1)
+
+
+def _chol_solve(U: Tensor, r: Tensor) -> Tensor:
+    """``H⁻¹ r`` for stacks of row vectors ``r`` (``(B, k, q)``), ``H = UᵀU``, ``U`` upper.
+
+    Two triangular solves, which read the factor in place (``torch.cholesky_solve`` copies it
+    on every call: the largest cost of the solves for ``q ~ 100``).
+    """
+    w = torch.linalg.solve_triangular(U.mT, r.mT, upper=False)
+    return torch.linalg.solve_triangular(U, w, upper=True).mT
 
 
 def _cholesky(H: Tensor, reg: float) -> tuple[Tensor, Tensor]:
@@ -418,20 +420,20 @@ class _KKT:
         # Only for a well-conditioned P: (P + δI)⁻¹ must not amplify round-off in S.
         if bool((info > 0).any()) or bool((d.amin(-1) ** 2 < _DUAL_COND * d.amax(-1) ** 2).any()):
             return False
-        shared = P.shared and A.shared
-        if not shared and P.shared:
-            U = U.expand(self.B, -1, -1)
-        AM, AT = (A.M, A.MT) if shared or not A.shared else (
-            A.M.expand(self.B, -1, -1), A.MT.expand(self.B, -1, -1))
+        # Shared matrices are 2-D here and broadcast in the products.
         Pinv = torch.cholesky_inverse(U, upper=True)  # faster than solves with Aᵀ
-        G = Pinv @ AT
-        M = AM @ G
-        X = torch.cat((Pinv, G), -1)
-        lead = (lambda t: t.unsqueeze(0)) if shared else (lambda t: t)
-        # PG.mv(r1) = [(P + δI)⁻¹ r1, Gᵀ r1].
-        self.PG = _Matrix.of_transpose(lead(X), shared)
+        G = Pinv @ A.MT
+        M = A.M @ G
+        shared = P.shared and A.shared
+
+        def lead(t: Tensor) -> Tensor:
+            return t.unsqueeze(0) if t.dim() == 2 else t
+
+        # Products with per-item matrices are bound by reading them from memory: (P + δI)⁻¹
+        # is kept once when P is shared, and Gᵀr1, Gy read G only (not a stacked [(P+δI)⁻¹, G]).
+        self.Pinv = _Matrix(lead(Pinv), P.shared)
         self.G = _Matrix(lead(G), shared)
-        self.M = lead(0.5 * (M + M.mT)).expand(self.B, -1, -1)
+        self.M = (0.5 * (M + M.mT)).expand(self.B, -1, -1)
         return True
 
     def factor(self, D: Tensor) -> Tensor:
@@ -467,19 +469,18 @@ class _KKT:
             # A_I has one nonzero a_i per row, at column j_i: products are gathers/scatters.
             rt = r1.index_add(-1, self.col, r2I * self.waI)
             rhs = self.AE.mv(rt * ginv) - r2E
-            yE = torch.cholesky_solve(rhs.mT, self.L, upper=True).mT
+            yE = _chol_solve(self.L, rhs)
             x = (rt - self.AE.rmv(yE)) * ginv
             yI = (x.index_select(-1, self.col) * self.aI - r2I) * wI
             return torch.cat((x, yE, yI), -1)
         if self.dual:
             # x = (P + δI)⁻¹ (r1 − Aᵀy) and (A (P + δI)⁻¹ Aᵀ + D + δ) y = Gᵀ r1 − r2.
-            pg = self.PG.mv(r1)
-            y = torch.cholesky_solve((pg[..., self.n:] - r2).mT, self.L, upper=True).mT
-            return torch.cat((pg[..., :self.n] - self.G.mv(y), y), -1)
+            y = _chol_solve(self.L, self.G.rmv(r1) - r2)
+            return torch.cat((self.Pinv.mv(r1) - self.G.mv(y), y), -1)
         # Eliminate y = (A x − r2)/(D + δ) from the regularized system, then H x = r1 + Aᵀ(r2 w).
         w = self.w.unsqueeze(1)
         rhs = r1 + self.A.rmv(r2 * w)
-        x = torch.cholesky_solve(rhs.mT, self.L, upper=True).mT
+        x = _chol_solve(self.L, rhs)
         y = (self.A.mv(x) - r2) * w
         return torch.cat((x, y), -1)
 

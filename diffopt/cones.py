@@ -720,6 +720,12 @@ class ProjJacobian:
                 rows = torch.tensor([o for o, _ in items])[:, None] + torch.arange(n)
                 self._groups.append((rows, torch.stack([b for _, b in items], dim=1)))
 
+    @property
+    def groups(self) -> list[tuple[Tensor, Tensor]]:
+        """The blocks stacked by size: ``(rows, stack)`` pairs, ``rows`` the ``(count, k)`` row
+        indices of ``count`` cones (CPU, long) and ``stack`` their ``(B, count, k, k)`` blocks."""
+        return self._groups
+
     def dense(self) -> Tensor:
         """The ``(B, m, m)`` matrix."""
         B, nd = self.diag.shape

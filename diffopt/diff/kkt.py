@@ -30,6 +30,7 @@ from diffopt.cones import dproj_dual
 from diffopt.errors import DegenerateWarning
 from diffopt.solvers.base import ConeProgram
 
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """Float64 NumPy copy of a tensor, also from inside torch.func transforms (jvp/vmap)."""
     with torch._C._DisableFuncTorch():
@@ -44,22 +45,65 @@ SPARSE_DENSITY = 0.1
 SPARSE_MIN = 150
 
 
-def kkt_density(program: ConeProgram, D) -> float:
-    """Fraction of structurally nonzero entries of ``J`` (from the sparsity patterns alone)."""
+def kkt_entries(program: ConeProgram, D) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """The structurally nonzero entries of ``J``: ``(rows, cols, values)``, values ``(B, nnz)``.
+
+    The pattern depends only on the sparsity patterns and the cones, so it is the same for every
+    item (no duplicates). ``AᵀD`` is formed cone by cone: on the zero and nonnegative rows it is
+    ``Aᵀ`` scaled by the diagonal; for the cones of one block size, one batched product of the
+    blocks with the (dense) columns of ``A`` that touch each cone. The zero cone's ``D − I = 0``
+    is left out.
+    """
     n, m = program.n, program.m
     pa = program.A_pattern
-    A = sp.csr_matrix((np.ones(pa.nnz), (pa.rows, pa.cols)), shape=(m, n))
-    rows, cols = [np.arange(D.diag.shape[1])], [np.arange(D.diag.shape[1])]
-    for off, blk in D.blocks:
-        k = blk.shape[-1]
-        r, c = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-        rows.append(off + r.ravel())
-        cols.append(off + c.ravel())
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    Dp = sp.csr_matrix((np.ones(r.size), (r, c)), shape=(m, m))
-    nnz_P = 0 if program.P_pattern is None else program.P_pattern.nnz
-    nnz = nnz_P + (A.T @ Dp).nnz + pa.nnz + (Dp + sp.eye(m)).nnz
-    return nnz / float(n + m) ** 2
+    Av = program.A_values
+    B = Av.shape[0]
+    rows, cols, vals = [], [], []
+    if program.P_pattern is not None and program.P_values is not None:
+        pp = program.P_pattern
+        rows.append(pp.rows)
+        cols.append(pp.cols)
+        vals.append(program.P_values)
+    rows.append(n + pa.rows)
+    cols.append(pa.cols)
+    vals.append(Av)
+    # zero and nonnegative rows: D = diag(d)
+    nd = D.diag.shape[1]
+    on = np.flatnonzero(pa.rows < nd)
+    rows.append(pa.cols[on])
+    cols.append(n + pa.rows[on])
+    vals.append(Av[:, on] * D.diag[:, pa.rows[on]])
+    nonneg = np.arange(program.dims.zero, nd)
+    rows.append(n + nonneg)
+    cols.append(n + nonneg)
+    vals.append(D.diag[:, nonneg] - 1)
+    # SOC / PSD / exp cones, stacked by block size
+    for g_rows, stack in D.groups:
+        count, k = g_rows.shape
+        gr = g_rows.numpy()
+        cone_of = np.full(m, -1)
+        cone_of[gr] = np.arange(count)[:, None]
+        local_of = np.zeros(m, dtype=np.int64)
+        local_of[gr] = np.arange(k)
+        eye = torch.eye(k, dtype=stack.dtype, device=stack.device)
+        rows.append(n + np.repeat(gr, k, axis=1).ravel())
+        cols.append(n + np.tile(gr, (1, k)).ravel())
+        vals.append((stack - eye).reshape(B, -1))
+        sel = np.flatnonzero(cone_of[pa.rows] >= 0)
+        if not sel.size:
+            continue
+        # the columns of A touching each cone, numbered per cone (slot)
+        cone, col = cone_of[pa.rows[sel]], pa.cols[sel]
+        pairs, pair_of = np.unique(cone * n + col, return_inverse=True)
+        p_cone, p_col = pairs // n, pairs % n
+        slot = np.arange(pairs.size) - np.searchsorted(p_cone, p_cone)
+        A_blk = Av.new_zeros(B, count, k, int(slot.max()) + 1)
+        A_blk[:, cone, local_of[pa.rows[sel]], slot[pair_of]] = Av[:, sel]
+        DA = (stack @ A_blk).transpose(2, 3)  # (B, count, slot, k)
+        rows.append(np.repeat(p_col, k))
+        cols.append(n + gr[p_cone].ravel())
+        vals.append(DA[:, p_cone, slot].reshape(B, -1))
+    return np.concatenate(rows), np.concatenate(cols), torch.cat(vals, dim=1)
 
 
 class KKTDifferentiator:
@@ -79,20 +123,19 @@ class KKTDifferentiator:
     def __init__(self, program: ConeProgram, x, y, s, ok: torch.Tensor, method: str = "auto"):
         self.n, self.m = program.n, program.m
         self.ok = ok
+        if method not in ("dense", "sparse", "auto"):
+            raise ValueError(f"unknown KKT method {method!r}; expected 'dense', 'sparse' or 'auto'")
         self.D = dproj_dual(y - s, program.dims)
+        rows, cols, vals = kkt_entries(program, self.D)
         N = self.n + self.m
         if method == "auto":
-            sparse = N > DENSE_LIMIT or (
-                N > SPARSE_MIN and kkt_density(program, self.D) < SPARSE_DENSITY
-            )
+            sparse = N > DENSE_LIMIT or (N > SPARSE_MIN and rows.size < SPARSE_DENSITY * N * N)
             method = "sparse" if sparse else "dense"
-        if method not in ("dense", "sparse"):
-            raise ValueError(f"unknown KKT method {method!r}; expected 'dense', 'sparse' or 'auto'")
         self.method = method
         if method == "dense":
-            self._factor_dense(program)
+            self._factor_dense(rows, cols, vals)
         else:
-            self._factor_sparse(program)
+            self._factor_sparse(rows, cols, vals)
         if bool(self.degenerate.any()):
             items = torch.nonzero(self.degenerate).flatten().tolist()
             warnings.warn(
@@ -103,18 +146,11 @@ class KKTDifferentiator:
             )
 
     # -- factorization ------------------------------------------------------------------------
-    def _dense_J(self, program: ConeProgram) -> torch.Tensor:
-        n, m = self.n, self.m
-        P, A, D = program.dense_P(), program.dense_A(), self.D.dense()
-        eye = torch.eye(m, dtype=A.dtype, device=A.device)
-        top = torch.cat([P, A.transpose(1, 2) @ D], dim=2)
-        bottom = torch.cat([A, D - eye], dim=2)
-        J = torch.cat([top, bottom], dim=1)
-        J[~self.ok] = torch.eye(n + m, dtype=J.dtype, device=J.device)
-        return J
-
-    def _factor_dense(self, program: ConeProgram) -> None:
-        J = self._dense_J(program)
+    def _factor_dense(self, rows: np.ndarray, cols: np.ndarray, vals: torch.Tensor) -> None:
+        B, N = vals.shape[0], self.n + self.m
+        flat = torch.as_tensor(rows * N + cols, device=vals.device)
+        J = vals.new_zeros(B, N * N).index_copy_(1, flat, vals).view(B, N, N)
+        J[~self.ok] = torch.eye(N, dtype=J.dtype, device=J.device)
         self.LU, self.piv, info = torch.linalg.lu_factor_ex(J)
         diag = torch.diagonal(self.LU, dim1=1, dim2=2).abs()
         # A tiny pivot relative to the largest marks a (numerically) singular J.
@@ -140,43 +176,57 @@ class KKTDifferentiator:
             z[self.degenerate] = self._lstsq(M, rhs[self.degenerate].unsqueeze(-1)).squeeze(-1)
         return z
 
-    def _factor_sparse(self, program: ConeProgram) -> None:
-        B, n, m = program.batch_size, self.n, self.m
-        pa = program.A_pattern
-        Av = _numpy(program.A_values)
-        Pv = None if program.P_values is None else _numpy(program.P_values)
-        Dd = _numpy(self.D.dense())  # block diagonal, small blocks
-        self.factors: list = []
+    def _factor_sparse(self, rows: np.ndarray, cols: np.ndarray, vals: torch.Tensor) -> None:
+        """One sparse LU per item on the shared CSC structure. The first item is factored with
+        SuperLU's COLAMD column ordering, which the others reuse (pre-permuted columns, natural
+        ordering): the pattern, hence the ordering, is the same for every item. ``relax=1`` (no
+        relaxed supernodes) factored 1.1-1.9x faster than SuperLU's default on every family
+        measured (SDPs, SOCPs, dense and sparse QPs)."""
+        N = self.n + self.m
+        order = np.lexsort((rows, cols))  # CSC: by column, then row
+        indices = rows[order].astype(np.int32)
+        indptr = np.searchsorted(cols[order], np.arange(N + 1)).astype(np.int32)
+        data = np.ascontiguousarray(_numpy(vals)[:, order])
+        B = data.shape[0]
+        self.factors: list = [None] * B
+        self.first = self.colperm = None  # the item factored in the original column order
         degenerate = np.zeros(B, dtype=bool)
-        for i in range(B):
-            if not bool(self.ok[i]):
-                self.factors.append(None)
-                continue
-            A = sp.csc_matrix((Av[i], (pa.rows, pa.cols)), shape=(m, n))
-            P = sp.csc_matrix((n, n))
-            if program.P_pattern is not None and Pv is not None:
-                pp = program.P_pattern
-                P = sp.csc_matrix((Pv[i], (pp.rows, pp.cols)), shape=(n, n))
-            D = sp.csc_matrix(Dd[i])
-            J = sp.bmat([[P, A.T @ D], [A, D - sp.eye(m)]], format="csc")
+        for i in np.flatnonzero(self.ok.cpu().numpy()):
             try:
-                self.factors.append(spla.splu(J))
+                if self.colperm is None:
+                    J = sp.csc_matrix((data[i], indices, indptr), shape=(N, N))
+                    lu = spla.splu(J, relax=1)
+                    self.first, self.colperm = i, np.argsort(lu.perm_c)  # new column k: colperm[k]
+                    counts = np.diff(indptr)[self.colperm]
+                    p_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+                    take = np.repeat(indptr[self.colperm] - p_indptr[:-1], counts)
+                    take += np.arange(indices.size)
+                    p_data, p_indices = np.ascontiguousarray(data[:, take]), indices[take]
+                else:
+                    J = sp.csc_matrix((p_data[i], p_indices, p_indptr), shape=(N, N))
+                    lu = spla.splu(J, permc_spec="NATURAL", relax=1)
+                self.factors[i] = lu
             except RuntimeError:  # exactly singular
                 degenerate[i] = True
-                self.factors.append(J)
+                self.factors[i] = sp.csc_matrix((data[i], indices, indptr), shape=(N, N))
         self.degenerate = torch.as_tensor(degenerate, device=self.ok.device)
 
     def _solve_sparse(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:
         r = _numpy(rhs)
         out = np.zeros_like(r)
+        p = self.colperm
         for i, f in enumerate(self.factors):
             if f is None:
                 continue
-            if isinstance(f, spla.SuperLU):
-                out[i] = f.solve(r[i], trans="T" if adjoint else "N")
-            else:  # singular: minimum-norm least squares
+            if not isinstance(f, spla.SuperLU):  # singular: minimum-norm least squares
                 M = f.T if adjoint else f
                 out[i] = spla.lsqr(M, r[i], atol=1e-14, btol=1e-14, iter_lim=10 * M.shape[0])[0]
+            elif i == self.first:  # factored in the original column order
+                out[i] = f.solve(r[i], trans="T" if adjoint else "N")
+            elif adjoint:  # (J Π)ᵀ λ = Πᵀ g
+                out[i] = f.solve(r[i][p], trans="T")
+            else:  # J Π (Πᵀ z) = r
+                out[i, p] = f.solve(r[i])
         return torch.as_tensor(out, dtype=rhs.dtype, device=rhs.device)
 
     def _solve(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:

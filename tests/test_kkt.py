@@ -1,0 +1,116 @@
+"""Tests for diffopt.diff.kkt: the structural entries of J and the dense/sparse factorizations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffopt.cones import ConeDims, dproj_dual, proj_dual
+from diffopt.diff.kkt import KKTDifferentiator, kkt_entries
+from diffopt.solvers.base import ConeProgram, SparsePattern
+
+# Two SOCs of one size (stacked in one group) and one of another, a PSD cone, two exp cones.
+DIMS = ConeDims(zero=3, nonneg=4, soc=(3, 3, 4), psd=(3,), exp=2)
+N_X = 32  # more variables than rows: J is nonsingular for generic data
+
+
+def _pattern(mask: np.ndarray) -> SparsePattern:
+    rows, cols = np.nonzero(mask)
+    return SparsePattern(rows, cols, mask.shape)
+
+
+def _program(B: int, seed: int = 0, density: float = 0.2):
+    """A random batched program and a point (x, y, s) with y = Π(v), s = y − v."""
+    rng = np.random.default_rng(seed)
+    m = DIMS.size
+    a_mask = rng.random((m, N_X)) < density
+    a_mask[np.arange(m), np.arange(m) % N_X] = True  # every row and column touched
+    pa = _pattern(a_mask)
+    p_mask = np.zeros((N_X, N_X), dtype=bool)
+    p_mask[np.arange(N_X), np.arange(N_X)] = True
+    p_mask[0, 1] = p_mask[1, 0] = True
+    pp = _pattern(p_mask)
+    P = np.zeros((B, N_X, N_X))
+    P[:, pp.rows, pp.cols] = rng.uniform(0.5, 1.5, (B, pp.nnz))
+    P = P + P.transpose(0, 2, 1)
+    f64 = torch.float64
+    program = ConeProgram(
+        pp, torch.tensor(P[:, pp.rows, pp.cols], dtype=f64),
+        torch.tensor(rng.standard_normal((B, N_X)), dtype=f64),
+        pa, torch.tensor(rng.standard_normal((B, pa.nnz)), dtype=f64),
+        torch.tensor(rng.standard_normal((B, m)), dtype=f64), DIMS,
+    )
+    v = torch.tensor(rng.standard_normal((B, m)), dtype=f64)
+    y = proj_dual(v, DIMS)
+    x = torch.tensor(rng.standard_normal((B, N_X)), dtype=f64)
+    return program, x, y, y - v
+
+
+def _J(program: ConeProgram, y, s) -> torch.Tensor:
+    """J = [[P, AᵀD], [A, D − I]] straight from the definition."""
+    P, A = program.dense_P(), program.dense_A()
+    D = dproj_dual(y - s, program.dims).dense()
+    eye = torch.eye(program.m, dtype=A.dtype)
+    return torch.cat([torch.cat([P, A.mT @ D], 2), torch.cat([A, D - eye], 2)], 1)
+
+
+def test_entries_match_the_definition_of_J():
+    program, _, y, s = _program(B=3)
+    rows, cols, vals = kkt_entries(program, dproj_dual(y - s, DIMS))
+    N = program.n + program.m
+    assert np.unique(rows * N + cols).size == rows.size  # no duplicates
+    J = torch.zeros(3, N, N, dtype=torch.float64)
+    J[:, rows, cols] = vals
+    assert torch.allclose(J, _J(program, y, s), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("failed", [(), (0,), (0, 2)], ids=["all-ok", "first-failed", "two-failed"])
+def test_sparse_and_dense_solves_match_direct_solves(failed):
+    # The sparse path factors the first usable item with COLAMD and reuses its column order
+    # for the others: every item, whichever, must solve its own system.
+    B = 5
+    program, x, y, s = _program(B, seed=1)
+    ok = torch.ones(B, dtype=torch.bool)
+    ok[list(failed)] = False
+    J = _J(program, y, s)
+    D = dproj_dual(y - s, DIMS).dense()
+    n, m = program.n, program.m
+    rng = np.random.default_rng(2)
+    gx, gy, gs, r1 = (torch.tensor(rng.standard_normal((B, k)), dtype=torch.float64)
+                      for k in (n, m, m, n))
+    r2 = gy
+    for t in (gx, gy, gs, r1):  # the caller zeroes the rows of failed items
+        t[~ok] = 0
+    gv = (D @ (gy + gs).unsqueeze(-1)).squeeze(-1) - gs
+    lam = torch.linalg.solve(J.mT, -torch.cat([gx, gv], 1))
+    dz = torch.linalg.solve(J, -torch.cat([r1, r2], 1))
+    dv = dz[:, n:]
+    dy = (D @ dv.unsqueeze(-1)).squeeze(-1)
+    want = {"adjoint": (lam[:, :n], lam[:, n:]), "tangent": (dz[:, :n], dy, dy - dv)}
+    for method in ("dense", "sparse"):
+        kkt = KKTDifferentiator(program, x, y, s, ok, method)
+        assert kkt.method == method
+        assert not kkt.degenerate.any()
+        got = {"adjoint": kkt.adjoint(gx, gy, gs), "tangent": kkt.tangent(r1, r2)}
+        for kind, outs in got.items():
+            for a, b in zip(outs, want[kind]):
+                assert torch.allclose(a[ok], b[ok], rtol=0, atol=1e-10 * b.abs().max()), kind
+                assert not a[~ok].any(), kind
+
+
+def test_auto_picks_sparse_for_a_large_mostly_zero_system():
+    # 200 equality rows on 200 variables, one nonzero each: J is mostly zero.
+    B, n = 2, 200
+    dims = ConeDims(zero=n)
+    idx = np.arange(n)
+    pa = SparsePattern(idx, idx, (n, n))
+    f64 = torch.float64
+    program = ConeProgram(None, None, torch.zeros(B, n, dtype=f64), pa,
+                          torch.full((B, n), 2.0, dtype=f64), torch.ones(B, n, dtype=f64), dims)
+    x, y = torch.full((B, n), 0.5, dtype=f64), torch.zeros(B, n, dtype=f64)
+    kkt = KKTDifferentiator(program, x, y, torch.zeros_like(y), torch.ones(B, dtype=torch.bool))
+    assert kkt.method == "sparse"
+    # min 0 s.t. 2x = 1: dx = db / 2 for a change db of b (dR₂ = −db)
+    dx, _, _ = kkt.tangent(torch.zeros(B, n, dtype=f64), -torch.ones(B, n, dtype=f64))
+    assert torch.allclose(dx, torch.full((B, n), 0.5, dtype=f64))

@@ -186,7 +186,7 @@ class KKTDifferentiator:
         order = np.lexsort((rows, cols))  # CSC: by column, then row
         indices = rows[order].astype(np.int32)
         indptr = np.searchsorted(cols[order], np.arange(N + 1)).astype(np.int32)
-        data = np.ascontiguousarray(_numpy(vals)[:, order])
+        data = np.take(_numpy(vals), order, axis=1)  # C-contiguous rows, as SuperLU wants
         B = data.shape[0]
         self.factors: list = [None] * B
         self.first = self.colperm = None  # the item factored in the original column order
@@ -201,7 +201,7 @@ class KKTDifferentiator:
                     p_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
                     take = np.repeat(indptr[self.colperm] - p_indptr[:-1], counts)
                     take += np.arange(indices.size)
-                    p_data, p_indices = np.ascontiguousarray(data[:, take]), indices[take]
+                    p_data, p_indices = np.take(data, take, axis=1), indices[take]
                 else:
                     J = sp.csc_matrix((p_data[i], p_indices, p_indptr), shape=(N, N))
                     lu = spla.splu(J, permc_spec="NATURAL", relax=1)

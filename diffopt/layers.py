@@ -217,8 +217,8 @@ class CvxpyLayer(nn.Module):
                 failed items return NaN and zero gradient), ``allow_inaccurate`` (accept
                 solutions the backend marked inaccurate, default False), ``kkt`` (``"auto"``,
                 ``"dense"`` or ``"sparse"`` factorization of the derivative), ``tol``,
-                ``max_iters``, ``verbose``, ``n_jobs`` (threads for per-item backends), and any
-                backend-specific setting.
+                ``max_iters``, ``verbose``, ``n_jobs`` (threads for per-item backends, or for
+                the native solver's chunks), and any backend-specific setting.
             gradient: gradient mode for this call (default: the layer's).
 
         Returns:

@@ -367,11 +367,44 @@ def test_cuda_matches_cpu():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_n_jobs_is_accepted_and_ignored():
-    data = random_problem(3, 6, 1, 8, seed=11)
-    ref = NativeIPM().solve(program(*data, 1, 8), {})
-    sol = NativeIPM().solve(program(*data, 1, 8), {"n_jobs": 4})
-    assert torch.equal(sol.x, ref.x) and sol.iterations == ref.iterations
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_chunks_match_the_whole_batch(n_jobs):
+    # Chunks of 3, 2, 3 items (balanced), solved in turn or by two threads: the same solutions,
+    # iterations and derivatives as one batch, item by item.
+    P, c, A, b = random_problem(8, 6, 1, 8, seed=11)
+    P = P[:1].expand_as(P)  # a shared P stays shared in every chunk
+    prog = program(P, c, A, b, 1, 8)
+    ref = NativeIPM().solve(prog, {})
+    sol = NativeIPM().solve(prog, {"chunk_size": 3, "n_jobs": n_jobs})
+    assert [p.degenerate.shape[0] for p in sol.differentiator.parts] == [3, 2, 3]
+    assert rel_err(sol.x, ref.x) <= 1e-12 and rel_err(sol.y, ref.y) <= 1e-12
+    assert sol.iterations == ref.iterations and sol.status == ref.status
+    g = torch.Generator().manual_seed(3)
+    gx, gy, gs = (torch.randn(8, k, generator=g, dtype=torch.float64) for k in (6, 9, 9))
+    for a, r in zip(sol.differentiator.adjoint(gx, gy, gs), ref.differentiator.adjoint(gx, gy, gs)):
+        assert rel_err(a, r) <= 1e-10
+    stack = torch.randn(8, 6, 2, generator=g, dtype=torch.float64), torch.randn(
+        8, 9, 2, generator=g, dtype=torch.float64)
+    for a, r in zip(sol.differentiator.tangent(*stack), ref.differentiator.tangent(*stack)):
+        assert a.shape == r.shape and rel_err(a, r) <= 1e-10
+    assert sol.differentiator.degenerate.shape == (8,)
+
+
+def test_chunks_take_their_rows_of_a_warm_start():
+    data = random_problem(6, 6, 1, 8, seed=12)
+    prog = program(*data, 1, 8)
+    first = NativeIPM().solve(prog, {})
+    warm = NativeIPM().solve(prog, {"warm_start": first, "chunk_size": 2})
+    whole = NativeIPM().solve(prog, {"warm_start": first})
+    assert warm.iterations == whole.iterations
+    assert rel_err(warm.x, whole.x) <= 1e-12
+
+
+@pytest.mark.parametrize("key, value", [("n_jobs", 0), ("chunk_size", 0), ("n_jobs", 1.5)])
+def test_bad_chunk_options_are_refused(key, value):
+    data = random_problem(2, 4, 0, 4, seed=13)
+    with pytest.raises(ValueError, match=key):
+        NativeIPM().solve(program(*data, 0, 4), {key: value})
 
 
 @pytest.mark.parametrize("mu", [0.0, 1e-2])

@@ -11,9 +11,9 @@ from torch import nn
 
 from diffopt.canon import AffineMap, ConeTemplate, flatten_f, unflatten_f
 from diffopt.cones import ConeDims
-from diffopt.errors import InputError, ProblemError
 from diffopt.diff.smoothing import GradientMode, as_mode
-from diffopt.solve import SolveInfo, make_call, select_backend
+from diffopt.errors import InputError, ProblemError
+from diffopt.solve import SolveInfo, add_cols, make_call, select_backend, take_cols
 from diffopt.solvers.base import SparsePattern
 
 
@@ -110,8 +110,7 @@ class CvxpyLayer(nn.Module):
         rows = getattr(self, f"{name}_rows").to(theta.device)
         cols = getattr(self, f"{name}_cols").to(theta.device)
         vals = getattr(self, f"{name}_vals").to(theta.device, theta.dtype)
-        out = theta.new_zeros(theta.shape[0], size)
-        return out.index_add(1, rows, theta[:, cols] * vals)
+        return add_cols(size, rows, take_cols(theta, cols) * vals)
 
     # -- input validation -----------------------------------------------------------------------
     def _batch(self, params: Sequence) -> tuple[list[torch.Tensor], int, bool]:
@@ -251,7 +250,7 @@ class CvxpyLayer(nn.Module):
             src = x if rec.src == "x" else y
             idx = getattr(self, f"rec{k}_idx").to(src.device)
             coef = getattr(self, f"rec{k}_coef").to(src.device, src.dtype)
-            val = unflatten_f(src[:, idx] * coef, rec.shape)
+            val = unflatten_f(take_cols(src, idx) * coef, rec.shape)
             outs.append(val if batched else val[0])
         return tuple(outs)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -34,13 +35,35 @@ from diffopt.solvers.base import Backend, ConeProgram, SparsePattern, Status
 CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
 
 
+def take_cols(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``u[:, idx]`` for a ``(B, k)`` batch, as a gather (2-3x faster than indexing on CPU; its
+    backward is a scatter-add, not an accumulating index_put)."""
+    return torch.gather(u, 1, idx.expand(u.shape[0], -1))
+
+
+def add_cols(size: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out[:, idx] += src`` into zeros of shape ``(B, size)``: a scatter-add, whose backward is
+    a gather (out of place: vmap-safe)."""
+    out = src.new_zeros(src.shape[0], size)
+    return out.scatter_add(1, idx.expand(src.shape[0], -1), src)
+
+
 def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False):
     """``M @ vec`` (or ``Mᵀ @ vec``) for a batch of sparse ``M`` with a shared pattern."""
     rows = torch.as_tensor(pattern.rows, device=vec.device)
     cols = torch.as_tensor(pattern.cols, device=vec.device)
     src, dst, size = (rows, cols, pattern.shape[1]) if transpose else (cols, rows, pattern.shape[0])
-    out = vec.new_zeros(vec.shape[0], size)
-    return out.index_add(1, dst, values * vec[:, src])  # out of place: vmap-safe
+    return add_cols(size, dst, values * take_cols(vec, src))
+
+
+def _outer_on_pattern(u, v, pattern: SparsePattern):
+    """The entries of the batched outer products ``u vᵀ`` on ``pattern``, ``(B, nnz)``."""
+    r, c = pattern.shape
+    if pattern.nnz == r * c and (pattern.rows * c + pattern.cols == np.arange(r * c)).all():
+        return (u.unsqueeze(2) * v.unsqueeze(1)).reshape(u.shape[0], -1)  # dense, row-major
+    rows = torch.as_tensor(pattern.rows, device=u.device)
+    cols = torch.as_tensor(pattern.cols, device=u.device)
+    return take_cols(u, rows) * take_cols(v, cols)
 
 
 @dataclass
@@ -206,15 +229,12 @@ class _ConeSolve(torch.autograd.Function):
         l1 = torch.where(ok[:, None], l1, torch.zeros_like(l1))
         l2 = torch.where(ok[:, None], l2, torch.zeros_like(l2))
         pa = call.A_pattern
-        ra = torch.as_tensor(pa.rows, device=x.device)
-        ca = torch.as_tensor(pa.cols, device=x.device)
-        gA = y[:, ra] * l1[:, ca] + l2[:, ra] * x[:, ca]
+        gA = _outer_on_pattern(y, l1, pa) + _outer_on_pattern(l2, x, pa)
         gP = None
         if call.P_pattern is not None:
             pp = call.P_pattern
-            rp = torch.as_tensor(pp.rows, device=x.device)
-            cp_ = torch.as_tensor(pp.cols, device=x.device)
-            gP = (0.5 * (l1[:, rp] * x[:, cp_] + x[:, rp] * l1[:, cp_])).to(ctx.dtypes[0])
+            gP = (0.5 * (_outer_on_pattern(l1, x, pp) + _outer_on_pattern(x, l1, pp))).to(
+                ctx.dtypes[0])
         return gP, l1.to(ctx.dtypes[1]), gA.to(ctx.dtypes[2]), (-l2).to(ctx.dtypes[3]), None
 
     @staticmethod

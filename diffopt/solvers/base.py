@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -217,12 +218,12 @@ class PerItemBackend(Backend):
     """A backend that solves items one at a time on the CPU, in a thread pool.
 
     Subclasses implement :meth:`solve_one` on SciPy/NumPy data. The ``n_jobs`` option sets the
-    number of worker threads (default ``min(batch size, os.cpu_count())``); with ``n_jobs=1`` (or
+    number of worker threads (default ``min(batch size, available cores)``); with ``n_jobs=1`` (or
     a batch of one) the items are solved in a plain loop, without a pool. Threads scale because
     the solvers' Python bindings release the GIL while they solve (Clarabel 0.11's
     ``py.allow_threads``, SCS 3.3, ECOS 2.0): on 2 idle cores two threads solve a batch 1.6-1.9x
     faster than one (``benchmarks/bench_parallel.py``). While the pool runs, BLAS/OpenMP
-    libraries are limited to ``max(1, os.cpu_count() // n_jobs)`` threads (threadpoolctl), so the
+    libraries are limited to ``max(1, cores // n_jobs)`` threads (threadpoolctl), so the
     workers do not oversubscribe the cores. Every item's answer is the same whichever thread
     solved it; an exception raised while solving an item propagates to the caller, and statuses
     stay per item and in order.
@@ -248,7 +249,7 @@ class PerItemBackend(Backend):
         options = dict(options)
         B = program.batch_size
         n_jobs = options.pop("n_jobs", None)
-        cores = os.cpu_count() or 1
+        cores = _available_cores()
         if n_jobs is None or n_jobs == 0:
             n_jobs = min(B, cores)
         if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
@@ -352,10 +353,25 @@ def _solve_items(backend: PerItemBackend, data: _Batch, options: dict) -> list[I
     return out
 
 
+@functools.cache
+def _threadpools() -> Any:
+    """threadpoolctl's view of the loaded BLAS/OpenMP libraries, scanned once (a scan costs
+    ~2.4 ms, which was paid on every batch), or None without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl comes with SciPy
+        return None
+    return ThreadpoolController()
+
+
 def _blas_limit(n_threads: int):
     """Limit BLAS/OpenMP threads within a ``with`` block (no-op without threadpoolctl)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with SciPy
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=n_threads)
+    pools = _threadpools()
+    return contextlib.nullcontext() if pools is None else pools.limit(limits=n_threads)
+
+
+def _available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1

@@ -105,6 +105,7 @@ _OPTION_KEYS = (
 # (50, 45) QP at B = 1024 took 761 ms in one chunk and 410 ms in chunks of 64, 1 thread).
 _CHUNK_BYTES = 2 * 2**20
 _CHUNK_MIN = 32  # below this, the per-chunk cost of launching ~3,000 small ops dominates
+_CHUNK_MIN_THREAD = 8  # smallest chunk made only to give each of n_jobs threads one
 # Static regularization of the τ pivot (the denominator of dτ), per dtype of the iterates.
 _TAU_REG = {torch.float64: 1e-12, torch.float32: 0.0}
 # Smallest λ_min/λ_max (estimated from the Cholesky factor's diagonal) of P + δI for the dual
@@ -753,8 +754,9 @@ def _warm_point(
     return out[0], out[1], out[2]
 
 
-def _chunk_bounds(program: ConeProgram, chunk_size: int | None) -> list[int]:
-    """Boundaries ``[0, …, B]`` of balanced chunks of at most ``chunk_size`` items."""
+def _chunk_bounds(program: ConeProgram, chunk_size: int | None, n_jobs: int) -> list[int]:
+    """Boundaries ``[0, …, B]`` of balanced chunks of at most ``chunk_size`` items (by default
+    cache-sized on CPU, and at least one per thread while chunks keep ``_CHUNK_MIN_THREAD``)."""
     B = program.batch_size
     if chunk_size is None:
         if program.c.device.type != "cpu":
@@ -766,6 +768,7 @@ def _chunk_bounds(program: ConeProgram, chunk_size: int | None) -> list[int]:
             if values is not None and not _same_for_all(values):
                 per_item += values.shape[1]
         chunk_size = max(_CHUNK_MIN, _CHUNK_BYTES // (8 * max(per_item, 1)))
+        chunk_size = min(chunk_size, max(_CHUNK_MIN_THREAD, -(-B // n_jobs)))
     k = max(1, -(-B // chunk_size))
     return [round(i * B / k) for i in range(k + 1)]
 
@@ -848,8 +851,9 @@ class NativeIPM(Backend):
       the centering phase prints ``path`` lines, whose ``gap`` is ``‖s∘y − μ‖∞ / μ``).
     - ``chunk_size``: largest number of items solved together (default: on CPU, as many as keep
       about 2 MiB of per-item ``A``, ``P`` and factor entries per chunk, so that the chunk's
-      matrices stay in cache, but at least 32; on GPUs the whole batch). Chunks are balanced
-      and each gets its own factorization and differentiator.
+      matrices stay in cache, but at least 32; with ``n_jobs > 1``, smaller chunks, down to 8
+      items, so that each thread gets one; on GPUs the whole batch). Chunks are balanced and
+      each gets its own factorization and differentiator.
     - ``n_jobs``: threads solving chunks concurrently (default 1). Torch releases the GIL in
       its kernels, so large chunks scale with free cores (set ``torch.set_num_threads(1)`` to
       avoid oversubscription); small problems are bound by Python overhead and do not.
@@ -894,7 +898,7 @@ class NativeIPM(Backend):
             )
         opts = _options(options, program.c.dtype)
         B = program.batch_size
-        bounds = _chunk_bounds(program, opts["chunk_size"])
+        bounds = _chunk_bounds(program, opts["chunk_size"], opts["n_jobs"])
         if opts["warm_start"] is not None and len(bounds) > 2:
             opts["warm_start"] = _warm_point(opts["warm_start"], program.n, program.m, program.c)
 

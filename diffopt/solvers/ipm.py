@@ -41,8 +41,12 @@ solved through its regularized reduction ``H = P + δI + Aᵀ(D + δ)⁻¹A = LL
 Cholesky per iteration for the whole batch, ``n × n``), with iterative refinement against the
 unregularized ``K``. When ``P`` is diagonal and each inequality row has one nonzero (bounds,
 as in ``0 ≤ x ≤ 1``), the reduction goes one step further, to the Schur complement on the
-``p < n`` equality rows (``p × p``). Constraint matrices shared by the whole batch are stored
-once, so that each product is one matrix multiplication for the batch.
+``p < n`` equality rows (``p × p``). When ``P`` is positive definite (and ``m`` is not much larger
+than ``n``), ``x`` is eliminated instead: ``S = A(P + δI)⁻¹Aᵀ + D + δI`` (``m × m``), whose
+first term is formed once per solve, so an iteration only adds the diagonal and factors.
+Constraint matrices shared by the whole batch are stored once, so that each product is one
+matrix multiplication for the batch. On CPU, large batches are solved in cache-sized chunks
+(option ``chunk_size``), optionally on threads (``n_jobs``).
 
 The derivative of the returned point uses the same matrix: for the interior-point method the
 internal variables are ``(x, y)`` and ``s`` is tied to ``y`` by ``s ∘ y = μ`` (inequality

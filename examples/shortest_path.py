@@ -10,15 +10,28 @@ everywhere; each method trains through a different surrogate (diffopt's gradient
 decision-focused losses), and all are scored by the normalized regret of the *exact* LP decision
 on held-out data:  Σ (cᵀx*(ĉ) − z*(c)) / Σ z*(c).
 
-Data (PyEPO's generator): x ~ N(0, I_5), c = [(Bx/√p + 3)^deg + 1] / 3.5^deg · ε with B a
-40x5 Bernoulli(0.5) matrix and ε ~ U[1 − ε̄, 1 + ε̄] elementwise.
+Data: PyEPO's generator, draw for draw (pyepo.data.shortestpath.genData): with
+rnd = np.random.RandomState(seed), B = rnd.binomial(1, 0.5, (40, 5)), x = rnd.normal(0, 1, (n, 5)),
+c = [(xBᵀ/√p + 3)^deg + 1] / 3.5^deg · ε with ε = rnd.uniform(1 − ε̄, 1 + ε̄, (n, 40)), costs
+rounded to float32 as PyEPO returns them, and the 40 arcs in PyEPO's order. As in PyEPO's benchmark
+scripts (run/utils.py: genData(n + 1000, ..., seed=s), then train_test_split(x, c, test_size=1000,
+random_state=s)), each seed s generates train + test points and splits them by the permutation
+np.random.RandomState(s).permutation(n): its first `--test` indices are the test set, the rest
+the training set (what sklearn's train_test_split does). PyEPO's pipeline.py draws its experiment
+seeds with np.random.seed(135); np.random.randint(999), whose first draws are 671, 187, 219, 459,
+380 (when nothing else draws from NumPy's global generator in between); pass them to --seeds to
+use those instances.
 
-Methods: two-stage (MSE on costs), SPO+, perturbed Fenchel–Young (PFYL), QPTL (quadratic
-smoothing), log-barrier (central-path smoothing), LPGD. Every LP is solved by diffopt's native
-batched interior-point solver, one batch per training step.
+Methods: two-stage (MSE on costs, trained by Adam like the others), two-stage-ls (the same linear
+model fitted in closed form by least squares, like PyEPO's two-stage LinearRegression row), SPO+,
+perturbed Fenchel–Young (PFYL), QPTL (quadratic smoothing), log-barrier (central-path smoothing),
+LPGD.
+
+Every LP is solved by diffopt's native batched interior-point solver, one batch per training
+step.
 
     python examples/shortest_path.py                      # small defaults, a few minutes
-    python examples/shortest_path.py --degrees 1 2 4 6 --seeds 0 1 2 --epochs 20   # full protocol
+    python examples/shortest_path.py --degrees 1 2 4 6 --seeds 0 1 2 3 4 --epochs 20   # full protocol
 
 Prints a table of normalized test regret (mean ± std over seeds), writes it as JSON (--json) and
 draws a figure (--plot).
@@ -39,19 +52,23 @@ from diffopt import LPGD, CvxpyLayer, LogBarrier, QuadraticSmoothing
 from diffopt.bilevel import normalized_regret, perturbed_fenchel_young, spo_plus
 
 GRID = 5
-METHODS = ("two-stage", "spo+", "pfyl", "qptl", "log-barrier", "lpgd")
+METHODS = ("two-stage", "two-stage-ls", "spo+", "pfyl", "qptl", "log-barrier", "lpgd")
+
+
+def grid_arcs(k: int = GRID) -> list[tuple[int, int]]:
+    """Arcs of the k x k grid pointing east and south, in PyEPO's order: for each row, its east
+    arcs, then the south arcs leaving it (so column e of the generated costs is PyEPO's arc e)."""
+    arcs = []
+    for i in range(k):
+        arcs += [(i * k + j, i * k + j + 1) for j in range(k - 1)]
+        if i < k - 1:
+            arcs += [(i * k + j, i * k + j + k) for j in range(k)]
+    return arcs
 
 
 def grid_graph(k: int = GRID) -> np.ndarray:
-    """Node-arc incidence matrix of the k x k grid with arcs pointing east and south."""
-    arcs = []
-    for i in range(k):
-        for j in range(k):
-            v = i * k + j
-            if j < k - 1:
-                arcs.append((v, v + 1))
-            if i < k - 1:
-                arcs.append((v, v + k))
+    """Node-arc incidence matrix (+1 at the tail, −1 at the head) of :func:`grid_arcs`."""
+    arcs = grid_arcs(k)
     inc = np.zeros((k * k, len(arcs)))
     for e, (u, v) in enumerate(arcs):
         inc[u, e], inc[v, e] = 1.0, -1.0
@@ -69,12 +86,23 @@ def shortest_path_layer(k: int = GRID) -> CvxpyLayer:
     return CvxpyLayer(cp.Problem(cp.Minimize(c @ x), cons), parameters=[c], variables=[x])
 
 
-def generate(n: int, deg: int, noise: float, p: int, d: int, rng) -> tuple:
-    B = rng.binomial(1, 0.5, (d, p))
-    X = rng.standard_normal((n, p))
-    C = ((X @ B.T) / np.sqrt(p) + 3.0) ** deg + 1.0
-    C = C / 3.5**deg * rng.uniform(1 - noise, 1 + noise, (n, d))
-    return torch.as_tensor(X), torch.as_tensor(C)
+def generate(n: int, deg: int, noise: float, p: int, d: int, seed: int) -> tuple:
+    """PyEPO's genData(n, p, grid, deg, noise, seed): the same RandomState stream, draw order and
+    float32 costs (returned as float64 tensors)."""
+    rnd = np.random.RandomState(seed)
+    B = rnd.binomial(1, 0.5, (d, p))
+    X = rnd.normal(0, 1, (n, p))
+    C = (X @ B.T / np.sqrt(p) + 3) ** deg + 1
+    C /= 3.5**deg
+    C *= rnd.uniform(1 - noise, 1 + noise, (n, d))
+    return torch.as_tensor(X), torch.as_tensor(C.astype(np.float32).astype(np.float64))
+
+
+def split(n: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices of sklearn's train_test_split(..., test_size=n_test,
+    random_state=seed) on n points: the permutation's first n_test indices are the test set."""
+    perm = np.random.RandomState(seed).permutation(n)
+    return perm[n_test:], perm[:n_test]
 
 
 def train_one(method, layer, Xtr, Ctr, Wtr, Ztr, Xte, Cte, Zte, args, seed) -> tuple[float, float]:
@@ -88,7 +116,14 @@ def train_one(method, layer, Xtr, Ctr, Wtr, Ztr, Xte, Cte, Zte, args, seed) -> t
     modes = {"qptl": QuadraticSmoothing(args.gamma), "log-barrier": LogBarrier(args.mu),
              "lpgd": LPGD(args.tau)}
     start = time.perf_counter()
-    bar = tqdm(range(args.epochs), desc=f"{method:>12} deg={args.deg} seed={seed}", leave=False)
+    if method == "two-stage-ls":  # closed-form least squares, weights and intercept
+        A = torch.cat([Xtr, torch.ones(Xtr.shape[0], 1, dtype=Xtr.dtype)], 1)
+        sol = torch.linalg.lstsq(A, Ctr).solution
+        with torch.no_grad():
+            model.weight.copy_(sol[:-1].T)
+            model.bias.copy_(sol[-1])
+    epochs = 0 if method == "two-stage-ls" else args.epochs
+    bar = tqdm(range(epochs), desc=f"{method:>12} deg={args.deg} seed={seed}", leave=False)
     for _ in bar:
         perm = torch.randperm(Xtr.shape[0])
         for i in range(0, Xtr.shape[0], args.batch):
@@ -117,7 +152,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--degrees", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="one run per seed s: PyEPO's genData(..., seed=s) and "
+                         "train_test_split(..., random_state=s); s also seeds the model's init")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--test", type=int, default=1000)
@@ -139,12 +176,11 @@ def main(argv=None) -> dict:
     for deg in args.degrees:
         args.deg = deg
         for seed in args.seeds:
-            rng = np.random.default_rng(seed)
-            X, C = generate(args.train + args.test, deg, args.noise, 5, 40, rng)
+            X, C = generate(args.train + args.test, deg, args.noise, 5, 40, seed)
             with torch.no_grad():
                 W = layer(C)[0]
             Z = (C * W).sum(1)
-            tr, te = slice(0, args.train), slice(args.train, None)
+            tr, te = (torch.as_tensor(i) for i in split(args.train + args.test, args.test, seed))
             for m in args.methods:
                 nreg, secs = train_one(m, layer, X[tr], C[tr], W[tr], Z[tr], X[te], C[te], Z[te],
                                        args, seed)

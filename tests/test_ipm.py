@@ -393,8 +393,8 @@ def test_chunks_match_the_whole_batch(n_jobs):
 def test_default_chunks_are_cache_sized_and_one_per_thread():
     from diffopt.solvers.ipm import _chunk_bounds
 
-    # 100 variables, 100 per-item inequality rows: 8·(100² + 100·100) bytes per item, so 13
-    # items fit 2 MiB; chunks are balanced, of at most max(32, 13) items.
+    # 100 variables, 100 per-item inequality rows: 8·(100² + 100·100) bytes per item, so 19
+    # items fit 3 MiB; chunks are balanced, of at most max(32, 19) items.
     P, c, A, b = random_problem(100, 100, 0, 100, seed=14)
     prog = program(P[:1].expand_as(P), c, A, b, 0, 100)
     assert _chunk_bounds(prog, None, 1) == [0, 25, 50, 75, 100]

@@ -107,7 +107,7 @@ _OPTION_KEYS = (
 # Automatic chunks on CPU: about this many bytes of per-item matrices (see _chunk_bounds) per
 # chunk, so that a chunk's working set stays in the last-level cache (tuned on a 32 MiB L3: the
 # (50, 45) QP at B = 1024 took 761 ms in one chunk and 410 ms in chunks of 64, 1 thread).
-_CHUNK_BYTES = 2 * 2**20
+_CHUNK_BYTES = 3 * 2**20
 _CHUNK_MIN = 32  # below this, the per-chunk cost of launching ~3,000 small ops dominates
 _CHUNK_MIN_THREAD = 8  # smallest chunk made only to give each of n_jobs threads one
 # Static regularization of the τ pivot (the denominator of dτ), per dtype of the iterates.
@@ -854,7 +854,7 @@ class NativeIPM(Backend):
       the items still running, and how many are still running (``hsde`` lines; with ``mu > 0``
       the centering phase prints ``path`` lines, whose ``gap`` is ``‖s∘y − μ‖∞ / μ``).
     - ``chunk_size``: largest number of items solved together (default: on CPU, as many as keep
-      about 2 MiB of per-item ``A``, ``P`` and factor entries per chunk, so that the chunk's
+      about 3 MiB of per-item ``A``, ``P`` and factor entries per chunk, so that the chunk's
       matrices stay in cache, but at least 32; with ``n_jobs > 1``, smaller chunks, down to 8
       items, so that each thread gets one; on GPUs the whole batch). Chunks are balanced and
       each gets its own factorization and differentiator.

@@ -529,6 +529,23 @@ def test_dual_form_matches_clarabel(share):
     assert rel_err(sol.s, s) <= TOL_REF
 
 
+def test_dual_form_with_dependent_equality_rows():
+    # The dual form's δ is tiny (1e-12): S = A(P + δI)⁻¹Aᵀ + D + δI is singular but for δ on
+    # duplicated equality rows. Solutions and the derivative in x must not notice.
+    P, c, A, b = random_problem(8, 12, 3, 16, seed=5)
+    dup = program(P, c, torch.cat([A[:, :3], A[:, :3], A[:, 3:]], 1),
+                  torch.cat([b[:, :3], b[:, :3], b[:, 3:]], 1), 6, 16)
+    sol, ref = NativeIPM().solve(dup, {}), NativeIPM().solve(program(P, c, A, b, 3, 16), {})
+    assert sol.differentiator._kkt.dual and all(st is Status.OPTIMAL for st in sol.status)
+    assert rel_err(sol.x, ref.x) <= 1e-10
+    gx = torch.randn(8, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    l1, _ = sol.differentiator.adjoint(gx, torch.zeros(8, 22, dtype=torch.float64),
+                                       torch.zeros(8, 22, dtype=torch.float64))
+    r1, _ = ref.differentiator.adjoint(gx, torch.zeros(8, 19, dtype=torch.float64),
+                                       torch.zeros(8, 19, dtype=torch.float64))
+    assert rel_err(l1, r1) <= 1e-8
+
+
 def test_ill_conditioned_P_keeps_the_general_form():
     # λ_min(P)/λ_max(P) ~ 1e-9: (P + δI)⁻¹ would amplify round-off in the dual form's S.
     P, c, A, b = random_problem(4, 10, 2, 16, seed=22)

@@ -75,7 +75,7 @@ def grid_graph(k: int = GRID) -> np.ndarray:
     return inc
 
 
-def shortest_path_layer(k: int = GRID) -> CvxpyLayer:
+def shortest_path_layer(k: int = GRID, solver_args: dict | None = None) -> CvxpyLayer:
     inc = grid_graph(k)
     supply = np.zeros(k * k)
     supply[0], supply[-1] = 1.0, -1.0
@@ -83,7 +83,8 @@ def shortest_path_layer(k: int = GRID) -> CvxpyLayer:
     c = cp.Parameter(inc.shape[1])
     # the sink's conservation row is implied by the others; dropping it keeps the rows independent
     cons = [inc[:-1] @ x == supply[:-1], x >= 0, x <= 1]
-    return CvxpyLayer(cp.Problem(cp.Minimize(c @ x), cons), parameters=[c], variables=[x])
+    return CvxpyLayer(cp.Problem(cp.Minimize(c @ x), cons), parameters=[c], variables=[x],
+                      solver_args=solver_args)
 
 
 def generate(n: int, deg: int, noise: float, p: int, d: int, seed: int) -> tuple:
@@ -167,11 +168,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--tau", type=float, default=5.0, help="LPGD step")
     ap.add_argument("--sigma", type=float, default=1.0, help="PFYL perturbation")
     ap.add_argument("--samples", type=int, default=1, help="PFYL samples per item")
+    ap.add_argument("--max-iters", type=int, default=None,
+                    help="iteration limit of the native solver (default: its own, 100); small "
+                         "--gamma can need more")
     ap.add_argument("--json", help="write the results to this JSON file")
     ap.add_argument("--plot", help="write a bar chart of the regrets to this PNG file")
     args = ap.parse_args(argv)
 
-    layer = shortest_path_layer()
+    layer = shortest_path_layer(solver_args=None if args.max_iters is None
+                                else {"max_iters": args.max_iters})
     results: dict = {m: {} for m in args.methods}
     for deg in args.degrees:
         args.deg = deg

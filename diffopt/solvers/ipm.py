@@ -100,12 +100,11 @@ _DEFAULTS: dict[torch.dtype, dict[str, float]] = {
 # Default δ per dtype of the KKT linear algebra: small enough for refinement to remove it in one
 # or two steps, large enough that H = P + δI + Aᵀ(D + δ)⁻¹A stays factorizable (cond ≲ 1/δ²).
 _REG = {torch.float64: 1e-7, torch.float32: 1e-3}
-# δ in float64 of the forms that need no large shift to stay factorizable, those with a
-# positive definite (well-conditioned) P: the dual form's S = A(P + δI)⁻¹Aᵀ + D + δI and the
-# bounds form with P diagonal. With it the iterations need no refinement (same iterations and
-# residuals as δ = 1e-7 with one refinement step on random QPs, 15-30 % faster); the derivative
-# still refines against the exact system.
-_SMALL_REG = 1e-12
+# δ of the dual form in float64: S = A(P + δI)⁻¹Aᵀ + D + δI needs no large shift to stay
+# factorizable (P is well conditioned, D ≥ 0), and with this one the iterations need no
+# refinement (same iterations and residuals as δ = 1e-7 with one refinement step on random QPs,
+# 15-30 % faster; the derivative still refines against the exact system).
+_DUAL_REG = 1e-12
 _OPTION_KEYS = (
     "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine", "kkt_dtype",
     "verbose", "n_jobs", "chunk_size",
@@ -161,9 +160,9 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
             f"{opts['kkt_dtype']!r}."
         )
     opts["kkt_dtype"] = opts["kkt_dtype"] or torch.float64
-    # Internal: the small δ (float64, unless the user set one), and the refinement of the
+    # Internal: the dual form's δ in float64 unless the user set one, and the refinement of the
     # iterations' solves unless the user set it (None: chosen by the form).
-    opts["small_reg"] = _SMALL_REG if "reg" not in opts and opts["kkt_dtype"] == torch.float64 \
+    opts["dual_reg"] = _DUAL_REG if "reg" not in opts and opts["kkt_dtype"] == torch.float64 \
         else None
     opts["refine_iters"] = opts["refine"] if options.get("refine") is not None else None
     opts.setdefault("reg", _REG[opts["kkt_dtype"]])
@@ -386,7 +385,7 @@ class _KKT:
     """
 
     def __init__(self, P: _Matrix | None, A: _Matrix, B: int, p: int, reg: float,
-                 dtype: torch.dtype, small_reg: float | None = None) -> None:
+                 dtype: torch.dtype, dual_reg: float | None = None) -> None:
         # The linear algebra runs in ``dtype`` (the data's, or float64 for float32 data when
         # asked); vectors are cast on the way in and out of ``factor`` and ``solve``.
         self.dtype, self.out_dtype = dtype, A.M.dtype
@@ -397,12 +396,10 @@ class _KKT:
         self.B, self.n, self.p, self.reg = B, n, p, reg
         self.D = A.M.new_zeros(B, m, dtype=dtype)
         self.w = self.D
-        # ``small_reg``: the δ of the forms that need no large shift (positive definite P), with
-        # which the iterations' solves need no refinement (``unrefined``).
-        self.small_reg, self.unrefined = small_reg, False
         self.bounds = p < n and self._bounds_form()
-        self.dual = not self.bounds and self._dual_form(reg if small_reg is None else small_reg)
-        self.unrefined = self.unrefined or (self.dual and small_reg is not None)
+        self.dual = not self.bounds and self._dual_form(reg if dual_reg is None else dual_reg)
+        # Whether the iterations' solves need no refinement (the dual form with a tiny δ).
+        self.unrefined = self.dual and dual_reg is not None
         if self.bounds or self.dual:
             return
         base = (self.P.dense(B) if self.P is not None
@@ -431,13 +428,6 @@ class _KKT:
             self.aI = self.aI.unsqueeze(1)  # (B, 1, l): broadcasts over stacks of vectors
         self.a2 = M[..., rows, self.col] ** 2
         pdiag = 0.0 if self.P is None else self.P.M.diagonal(dim1=-2, dim2=-1)
-        # With a positive definite (well-conditioned) diagonal P, G ≥ P needs no shift and the
-        # small δ of the dual form applies; otherwise (LPs, zero P_jj) a variable strictly
-        # inside its bounds has G_jj → δ, so δ stays large and the solves are refined.
-        if self.small_reg is not None and self.P is not None and bool(
-                (pdiag.amin(-1) >= _DUAL_COND * pdiag.amax(-1)).all()
-                & (pdiag.amin(-1) > 0).all()):
-            self.reg, self.unrefined = self.small_reg, True
         self.gbase = (M.new_zeros(self.B, n) + pdiag + self.reg).contiguous()
         shared = self.A.shared
         lead = (lambda t: t.unsqueeze(0)) if shared else (lambda t: t)
@@ -869,16 +859,15 @@ class NativeIPM(Backend):
     - ``warm_start``: a previous :class:`Solution` or a triple ``(x, y, s)`` of ``(B, ·)`` tensors;
       it is pushed into the interior and used where finite (cold start elsewhere).
     - ``reg``: static regularization δ of the KKT factorization (default ``1e-7`` with a
-      float64 factorization, ``1e-3`` with float32; for positive definite ``P`` (the dual
-      form of :class:`_KKT`, or the bounds form with a positive diagonal ``P``) ``1e-12`` in
-      float64 unless ``reg`` is given).
+      float64 factorization, ``1e-3`` with float32; the dual form of :class:`_KKT`, for
+      positive definite ``P``, uses ``1e-12`` in float64 unless ``reg`` is given).
     - ``kkt_dtype``: dtype of the KKT factorization and solves (default ``torch.float64``).
       With float32 data the iterates, residuals and results stay float32 and only the linear
       algebra runs in float64, which keeps the late, ill-conditioned iterations solvable;
       ``torch.float32`` is faster on GPUs with slow float64 but fails more often on larger
       problems (``NUMERICAL_ERROR``).
-    - ``refine``: iterative-refinement steps per Newton solve (default 1, and 0 with the
-      ``1e-12`` default δ of positive definite ``P``, too small to need it); the derivative uses
+    - ``refine``: iterative-refinement steps per Newton solve (default 1, and 0 in the dual
+      form with its float64 default δ, too small to need it); the derivative uses
       ``refine + 3``. In the bounds and dual forms (see :class:`_KKT`) the iterations take the
       residual of each refinement step from the regularization alone, ``(δ dx, −δ dy)``, with
       no products with ``A``; the derivative always recomputes it from the data.
@@ -1024,7 +1013,7 @@ def _solve(
     ineq[p:] = 1.0
     is_eq = ineq == 0
     kkt_dtype = opts["kkt_dtype"]
-    kkt = _KKT(P, A, B, p, float(opts["reg"]), kkt_dtype, opts["small_reg"])
+    kkt = _KKT(P, A, B, p, float(opts["reg"]), kkt_dtype, opts["dual_reg"])
     refine = opts["refine_iters"]
     if refine is None:
         refine = 0 if kkt.unrefined else opts["refine"]

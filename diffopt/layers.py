@@ -92,6 +92,7 @@ class CvxpyLayer(nn.Module):
         select_backend(solver, self.template.dims, self.template.P_map is not None)
         self.info: SolveInfo | None = None
         t = self.template
+        self._gather_only: dict[str, bool] = {}
         self._register_map("c", t.c_map)
         self._register_map("b", t.b_map)
         self._register_map("A", t.A_map)
@@ -102,14 +103,24 @@ class CvxpyLayer(nn.Module):
             self.register_buffer(f"rec{k}_coef", torch.as_tensor(rec.coef))
 
     def _register_map(self, name: str, amap: AffineMap) -> None:
-        self.register_buffer(f"{name}_rows", torch.as_tensor(amap.rows))
-        self.register_buffer(f"{name}_cols", torch.as_tensor(amap.cols))
-        self.register_buffer(f"{name}_vals", torch.as_tensor(amap.vals))
+        rows, cols, vals = amap.rows, amap.cols, amap.vals
+        # Every output entry from exactly one input entry (e.g. a parametric matrix copied into
+        # A): the map is a gather in output order, without the scatter-add.
+        self._gather_only[name] = rows.size == amap.size and bool(
+            (np.bincount(rows, minlength=amap.size) == 1).all())
+        if self._gather_only[name]:
+            order = np.argsort(rows)
+            rows, cols, vals = rows[order], cols[order], vals[order]
+        self.register_buffer(f"{name}_rows", torch.as_tensor(rows))
+        self.register_buffer(f"{name}_cols", torch.as_tensor(cols))
+        self.register_buffer(f"{name}_vals", torch.as_tensor(vals))
 
     def _apply_map(self, name: str, size: int, theta: torch.Tensor) -> torch.Tensor:
-        rows = getattr(self, f"{name}_rows").to(theta.device)
         cols = getattr(self, f"{name}_cols").to(theta.device)
         vals = getattr(self, f"{name}_vals").to(theta.device, theta.dtype)
+        if self._gather_only[name]:
+            return take_cols(theta, cols) * vals
+        rows = getattr(self, f"{name}_rows").to(theta.device)
         return add_cols(size, rows, take_cols(theta, cols) * vals)
 
     # -- input validation -----------------------------------------------------------------------

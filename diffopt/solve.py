@@ -162,16 +162,20 @@ class _ConeSolve(torch.autograd.Function):
             c.detach().to(dt), call.A_pattern, A_values.detach().to(dt), b.detach().to(dt),
             call.dims,
         )
-        r_p = pattern_matvec(work.A_values, call.A_pattern, x) + s - work.b
-        r_d = pattern_matvec(work.A_values, call.A_pattern, y, transpose=True) + work.c
-        if work.P_values is not None:
-            r_d = r_d + pattern_matvec(work.P_values, call.P_pattern, x)
+        if len(sol.primal_residual) == len(sol.dual_residual) == len(sol.gap) == B:
+            residuals = sol.primal_residual, sol.dual_residual, sol.gap  # the backend's own
+        else:
+            r_p = pattern_matvec(work.A_values, call.A_pattern, x) + s - work.b
+            r_d = pattern_matvec(work.A_values, call.A_pattern, y, transpose=True) + work.c
+            if work.P_values is not None:
+                r_d = r_d + pattern_matvec(work.P_values, call.P_pattern, x)
+            residuals = (r_p.abs().amax(1).tolist() if r_p.shape[1] else [0.0] * B,
+                         r_d.abs().amax(1).tolist() if r_d.shape[1] else [0.0] * B,
+                         (s * y).sum(1).abs().tolist())
         info = SolveInfo(
             status=list(sol.status), iterations=list(sol.iterations),
-            solve_time=list(sol.solve_time),
-            primal_residual=r_p.abs().amax(1).tolist() if r_p.shape[1] else [0.0] * B,
-            dual_residual=r_d.abs().amax(1).tolist() if r_d.shape[1] else [0.0] * B,
-            gap=(s * y).sum(1).abs().tolist(),
+            solve_time=list(sol.solve_time), primal_residual=list(residuals[0]),
+            dual_residual=list(residuals[1]), gap=list(residuals[2]),
         )
         call.info = info
         failed = {i: st for i, (st, good) in enumerate(zip(sol.status, ok_status)) if not good}

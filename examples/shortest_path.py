@@ -171,10 +171,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-iters", type=int, default=None,
                     help="iteration limit of the native solver (default: its own, 100); small "
                          "--gamma can need more")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (a linear model and 32 small LPs per step: one is "
+                         "fastest)")
     ap.add_argument("--json", help="write the results to this JSON file")
     ap.add_argument("--plot", help="write a bar chart of the regrets to this PNG file")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _run(args) -> dict:
     layer = shortest_path_layer(solver_args=None if args.max_iters is None
                                 else {"max_iters": args.max_iters})
     results: dict = {m: {} for m in args.methods}

@@ -409,6 +409,33 @@ def test_default_chunks_are_cache_sized_and_one_per_thread():
     assert _chunk_bounds(prog, 40, 1) == [0, 33, 67, 100]
 
 
+def test_small_solves_run_on_one_thread_and_restore_the_setting(monkeypatch):
+    # The factorizations (forward) and triangular solves (both passes) see one thread.
+    seen = []
+
+    def spy(real):
+        def call(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return real(*args, **kwargs)
+        return call
+
+    data = random_problem(4, 6, 1, 8, seed=17)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name in ("cholesky_ex", "solve_triangular"):
+            monkeypatch.setattr(torch.linalg, name, spy(getattr(torch.linalg, name)))
+        sol = NativeIPM().solve(program(*data, 1, 8), {})
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        sol.differentiator.adjoint(*(torch.ones_like(t) for t in (sol.x, sol.y, sol.s)))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_chunks_take_their_rows_of_a_warm_start():
     data = random_problem(6, 6, 1, 8, seed=12)
     prog = program(*data, 1, 8)

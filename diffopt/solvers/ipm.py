@@ -75,11 +75,12 @@ data equilibration, so badly scaled data needs scaling by the caller.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -115,6 +116,9 @@ _OPTION_KEYS = (
 _CHUNK_BYTES = 3 * 2**20
 _CHUNK_MIN = 32  # below this, the per-chunk cost of launching ~3,000 small ops dominates
 _CHUNK_MIN_THREAD = 8  # smallest chunk made only to give each of n_jobs threads one
+# Below this many per-item matrix entries in the whole batch (see _per_item_entries) a CPU solve
+# runs on one intra-op thread: the (50, 45) QP at B = 64 has 274k (same speed either way).
+_ONE_THREAD_ENTRIES = 300_000
 # Static regularization of the τ pivot (the denominator of dτ), per dtype of the iterates.
 _TAU_REG = {torch.float64: 1e-12, torch.float32: 0.0}
 # Smallest λ_min/λ_max (estimated from the Cholesky factor's diagonal) of P + δI for the dual
@@ -594,9 +598,10 @@ class _IPMDifferentiator:
     """
 
     def __init__(self, kkt: _KKT, refine: int, p: int = 0, s: Tensor | None = None,
-                 y: Tensor | None = None, exact: bool = False) -> None:
+                 y: Tensor | None = None, exact: bool = False, one_thread: bool = False) -> None:
         self._kkt = kkt
         self._refine = refine
+        self._one_thread = one_thread  # solves of a small problem: see _small_for_threads
         self.exact = exact and s is not None and y is not None and s.shape[1] > p
         B = kkt.B
         self.degenerate = torch.zeros(B, dtype=torch.bool, device=kkt.D.device)
@@ -709,6 +714,14 @@ class _IPMDifferentiator:
         return tuple(v.squeeze(1) if vec else v.mT for v in vs)
 
     def adjoint(self, gx: Tensor, gy: Tensor, gs: Tensor) -> tuple[Tensor, Tensor]:
+        with _one_thread(self._one_thread):
+            return self._adjoint(gx, gy, gs)
+
+    def tangent(self, dr1: Tensor, dr2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with _one_thread(self._one_thread):
+            return self._tangent(dr1, dr2)
+
+    def _adjoint(self, gx: Tensor, gy: Tensor, gs: Tensor) -> tuple[Tensor, Tensor]:
         """``λ = −J⁻ᵀ (g_x, g_y + (∂s/∂y)ᵀ g_s)``; ``J`` is symmetric.
 
         Snapped: ``λ = −K̃⁻¹ (g_x − A_Iᵀ g_{s,I}, g_{y,R})`` on the kept rows ``R`` and
@@ -728,7 +741,7 @@ class _IPMDifferentiator:
         v = v * k - gsI
         return self._unstack(vec, u.to(out_dt), v.to(out_dt))
 
-    def tangent(self, dr1: Tensor, dr2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _tangent(self, dr1: Tensor, dr2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(dx, dy) = −J⁻¹ (dR₁, dR₂)`` and ``ds = (∂s/∂y) dy``.
 
         Snapped: ``(dx, dy_R) = −K̃⁻¹ (dR₁, dR_{2,R})``, ``dy_I = 0``, ``ds_R = 0`` and
@@ -778,6 +791,41 @@ def _warm_point(
     return out[0], out[1], out[2]
 
 
+def _per_item_entries(program: ConeProgram) -> int:
+    """Entries of the per-item matrices each iteration streams: A and P unless shared, and the
+    factor (at most min(n, m)² in every form of _KKT)."""
+    per_item = min(program.n, program.m) ** 2
+    for values in (program.A_values, program.P_values):
+        if values is not None and not _same_for_all(values):
+            per_item += values.shape[1]
+    return per_item
+
+
+def _small_for_threads(program: ConeProgram) -> bool:
+    """Whether a CPU solve is small enough to run on one intra-op thread.
+
+    Its batched kernels are tiny: splitting them over threads costs more in synchronization
+    than it saves (the 5x5 shortest-path LP at B = 32: 10.4 ms with 2 threads, 6.6 ms with 1).
+    Larger problems keep torch's setting (the (100, 90) QP at B = 32 is 40 % slower on one).
+    """
+    return (program.c.device.type == "cpu"
+            and program.batch_size * _per_item_entries(program) < _ONE_THREAD_ENTRIES)
+
+
+@contextlib.contextmanager
+def _one_thread(enabled: bool) -> Iterator[None]:
+    """One torch intra-op thread within the block when ``enabled`` (restored afterwards)."""
+    threads = torch.get_num_threads()
+    enabled = enabled and threads > 1
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_num_threads(threads)
+
+
 def _chunk_bounds(program: ConeProgram, chunk_size: int | None, n_jobs: int) -> list[int]:
     """Boundaries ``[0, …, B]`` of balanced chunks of at most ``chunk_size`` items (by default
     cache-sized on CPU, and at least one per thread while chunks keep ``_CHUNK_MIN_THREAD``)."""
@@ -785,13 +833,7 @@ def _chunk_bounds(program: ConeProgram, chunk_size: int | None, n_jobs: int) -> 
     if chunk_size is None:
         if program.c.device.type != "cpu":
             return [0, B]
-        # Entries of the per-item matrices each iteration streams: A and P unless shared,
-        # and the factor (at most min(n, m)² in every form of _KKT).
-        per_item = min(program.n, program.m) ** 2
-        for values in (program.A_values, program.P_values):
-            if values is not None and not _same_for_all(values):
-                per_item += values.shape[1]
-        chunk_size = max(_CHUNK_MIN, _CHUNK_BYTES // (8 * max(per_item, 1)))
+        chunk_size = max(_CHUNK_MIN, _CHUNK_BYTES // (8 * max(_per_item_entries(program), 1)))
         chunk_size = min(chunk_size, max(_CHUNK_MIN_THREAD, -(-B // n_jobs)))
     k = max(1, -(-B // chunk_size))
     return [round(i * B / k) for i in range(k + 1)]
@@ -924,6 +966,7 @@ class NativeIPM(Backend):
             )
         opts = _options(options, program.c.dtype)
         B = program.batch_size
+        small = _small_for_threads(program)
         bounds = _chunk_bounds(program, opts["chunk_size"], opts["n_jobs"])
         if opts["warm_start"] is not None and len(bounds) > 2:
             opts["warm_start"] = _warm_point(opts["warm_start"], program.n, program.m, program.c)
@@ -941,7 +984,8 @@ class NativeIPM(Backend):
                 out, kkt, _ = _solve(sub, sub_opts, quadratic)
             out.x, out.y, out.s = out.x.clone(), out.y.clone(), out.s.clone()
             out.differentiator = _IPMDifferentiator(
-                kkt, opts["refine"] + 3, dims.zero, out.s, out.y, exact=float(opts["mu"]) == 0.0)
+                kkt, opts["refine"] + 3, dims.zero, out.s, out.y, exact=float(opts["mu"]) == 0.0,
+                one_thread=small)
             return out
 
         spans = list(itertools.pairwise(bounds))
@@ -949,7 +993,8 @@ class NativeIPM(Backend):
             with ThreadPoolExecutor(min(opts["n_jobs"], len(spans))) as pool:
                 parts = list(pool.map(lambda span: solve_chunk(*span), spans))
         else:
-            parts = [solve_chunk(lo, hi) for lo, hi in spans]
+            with _one_thread(small):
+                parts = [solve_chunk(lo, hi) for lo, hi in spans]
         out = parts[0] if len(parts) == 1 else _concat_solutions(parts)
         elapsed = (time.perf_counter() - start) / max(B, 1)
         out.solve_time = [elapsed] * B

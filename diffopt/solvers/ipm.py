@@ -926,6 +926,11 @@ class NativeIPM(Backend):
       its kernels, so large chunks scale with free cores (set ``torch.set_num_threads(1)`` to
       avoid oversubscription); small problems are bound by Python overhead and do not.
 
+    Threads: a small CPU problem (under 300k per-item matrix entries in the batch) is solved,
+    and later differentiated, on one torch intra-op thread (``torch.set_num_threads(1)`` for
+    the duration, then restored): splitting its tiny kernels over threads only adds
+    synchronization.
+
     The solution carries a differentiator whose linear solves reuse the final Cholesky factor,
     which is that of ``J = [[P, Aᵀ], [A, −diag(s/y)]]`` at the returned point: with ``mu > 0``
     it solves with ``J``; with ``mu = 0`` with the exact KKT system (active set snapped from

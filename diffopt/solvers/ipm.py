@@ -75,12 +75,11 @@ data equilibration, so badly scaled data needs scaling by the caller.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -88,7 +87,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffopt.solvers.base import Backend, ConeProgram, Solution, Status
+from diffopt.solvers.base import Backend, ConeProgram, Solution, Status, one_torch_thread
 
 __all__ = ["NativeIPM"]
 
@@ -714,11 +713,11 @@ class _IPMDifferentiator:
         return tuple(v.squeeze(1) if vec else v.mT for v in vs)
 
     def adjoint(self, gx: Tensor, gy: Tensor, gs: Tensor) -> tuple[Tensor, Tensor]:
-        with _one_thread(self._one_thread):
+        with one_torch_thread(self._one_thread):
             return self._adjoint(gx, gy, gs)
 
     def tangent(self, dr1: Tensor, dr2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        with _one_thread(self._one_thread):
+        with one_torch_thread(self._one_thread):
             return self._tangent(dr1, dr2)
 
     def _adjoint(self, gx: Tensor, gy: Tensor, gs: Tensor) -> tuple[Tensor, Tensor]:
@@ -810,20 +809,6 @@ def _small_for_threads(program: ConeProgram) -> bool:
     """
     return (program.c.device.type == "cpu"
             and program.batch_size * _per_item_entries(program) < _ONE_THREAD_ENTRIES)
-
-
-@contextlib.contextmanager
-def _one_thread(enabled: bool) -> Iterator[None]:
-    """One torch intra-op thread within the block when ``enabled`` (restored afterwards)."""
-    threads = torch.get_num_threads()
-    enabled = enabled and threads > 1
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if enabled:
-            torch.set_num_threads(threads)
 
 
 def _chunk_bounds(program: ConeProgram, chunk_size: int | None, n_jobs: int) -> list[int]:
@@ -998,7 +983,7 @@ class NativeIPM(Backend):
             with ThreadPoolExecutor(min(opts["n_jobs"], len(spans))) as pool:
                 parts = list(pool.map(lambda span: solve_chunk(*span), spans))
         else:
-            with _one_thread(small):
+            with one_torch_thread(small):
                 parts = [solve_chunk(lo, hi) for lo, hi in spans]
         out = parts[0] if len(parts) == 1 else _concat_solutions(parts)
         elapsed = (time.perf_counter() - start) / max(B, 1)

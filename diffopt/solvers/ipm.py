@@ -105,6 +105,12 @@ _REG = {torch.float64: 1e-7, torch.float32: 1e-3}
 # refinement (same iterations and residuals as δ = 1e-7 with one refinement step on random QPs,
 # 15-30 % faster; the derivative still refines against the exact system).
 _DUAL_REG = 1e-12
+# The same for the bounds form with a positive diagonal P; not smaller: there the weights
+# w = 1/(D + δ) of active bounds enter S = A_E G⁻¹ A_Eᵀ inverted, and with δ = 1e-12 some
+# QuadraticSmoothing batches of the shortest-path example stalled (with 1e-9 they take 14
+# iterations, as with 1e-7 and refinement). LPs keep δ = 1e-7 and refinement: a variable strictly
+# inside its bounds has G_jj → δ, and tight tolerances need the refined directions.
+_BOUNDS_REG = 1e-9
 _OPTION_KEYS = (
     "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine", "kkt_dtype",
     "verbose", "n_jobs", "chunk_size",
@@ -163,10 +169,9 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
             f"{opts['kkt_dtype']!r}."
         )
     opts["kkt_dtype"] = opts["kkt_dtype"] or torch.float64
-    # Internal: the dual form's δ in float64 unless the user set one, and the refinement of the
-    # iterations' solves unless the user set it (None: chosen by the form).
-    opts["dual_reg"] = _DUAL_REG if "reg" not in opts and opts["kkt_dtype"] == torch.float64 \
-        else None
+    # Internal: whether the forms that allow it take their smaller float64 δ (unless the user set
+    # one), and the refinement of the iterations' solves unless the user set it (None: by form).
+    opts["small_reg"] = "reg" not in opts and opts["kkt_dtype"] == torch.float64
     opts["refine_iters"] = opts["refine"] if options.get("refine") is not None else None
     opts.setdefault("reg", _REG[opts["kkt_dtype"]])
     for key in ("tol", "tol_infeas", "reg"):
@@ -388,7 +393,7 @@ class _KKT:
     """
 
     def __init__(self, P: _Matrix | None, A: _Matrix, B: int, p: int, reg: float,
-                 dtype: torch.dtype, dual_reg: float | None = None) -> None:
+                 dtype: torch.dtype, small_reg: bool = False) -> None:
         # The linear algebra runs in ``dtype`` (the data's, or float64 for float32 data when
         # asked); vectors are cast on the way in and out of ``factor`` and ``solve``.
         self.dtype, self.out_dtype = dtype, A.M.dtype
@@ -399,10 +404,13 @@ class _KKT:
         self.B, self.n, self.p, self.reg = B, n, p, reg
         self.D = A.M.new_zeros(B, m, dtype=dtype)
         self.w = self.D
+        # small_reg: the dual form and the bounds form with a positive diagonal P take their
+        # smaller δ (_DUAL_REG, _BOUNDS_REG), with which the iteration solves need no refinement.
+        self.small_reg, self.unrefined = small_reg, False
         self.bounds = p < n and self._bounds_form()
-        self.dual = not self.bounds and self._dual_form(reg if dual_reg is None else dual_reg)
+        self.dual = not self.bounds and self._dual_form(_DUAL_REG if small_reg else reg)
         # Whether the iterations' solves need no refinement (the dual form with a tiny δ).
-        self.unrefined = self.dual and dual_reg is not None
+        self.unrefined = self.unrefined or (self.dual and small_reg)
         if self.bounds or self.dual:
             return
         base = (self.P.dense(B) if self.P is not None
@@ -431,6 +439,10 @@ class _KKT:
             self.aI = self.aI.unsqueeze(1)  # (B, 1, l): broadcasts over stacks of vectors
         self.a2 = M[..., rows, self.col] ** 2
         pdiag = 0.0 if self.P is None else self.P.M.diagonal(dim1=-2, dim2=-1)
+        if self.small_reg and self.P is not None and bool(
+                (pdiag.amin(-1) >= _DUAL_COND * pdiag.amax(-1)).all()
+                & (pdiag.amin(-1) > 0).all()):
+            self.reg, self.unrefined = _BOUNDS_REG, True
         self.gbase = (M.new_zeros(self.B, n) + pdiag + self.reg).contiguous()
         shared = self.A.shared
         lead = (lambda t: t.unsqueeze(0)) if shared else (lambda t: t)
@@ -886,15 +898,16 @@ class NativeIPM(Backend):
     - ``warm_start``: a previous :class:`Solution` or a triple ``(x, y, s)`` of ``(B, ·)`` tensors;
       it is pushed into the interior and used where finite (cold start elsewhere).
     - ``reg``: static regularization δ of the KKT factorization (default ``1e-7`` with a
-      float64 factorization, ``1e-3`` with float32; the dual form of :class:`_KKT`, for
-      positive definite ``P``, uses ``1e-12`` in float64 unless ``reg`` is given).
+      float64 factorization, ``1e-3`` with float32; in float64, unless ``reg`` is given, the
+      dual form of :class:`_KKT` (positive definite ``P``) uses ``1e-12`` and the bounds form
+      with a positive diagonal ``P`` ``1e-9``).
     - ``kkt_dtype``: dtype of the KKT factorization and solves (default ``torch.float64``).
       With float32 data the iterates, residuals and results stay float32 and only the linear
       algebra runs in float64, which keeps the late, ill-conditioned iterations solvable;
       ``torch.float32`` is faster on GPUs with slow float64 but fails more often on larger
       problems (``NUMERICAL_ERROR``).
-    - ``refine``: iterative-refinement steps per Newton solve (default 1, and 0 in the dual
-      form with its float64 default δ, too small to need it); the derivative uses
+    - ``refine``: iterative-refinement steps per Newton solve (default 1, and 0 with the
+      smaller float64 defaults of δ above, which do not need it); the derivative uses
       ``refine + 3``. In the bounds and dual forms (see :class:`_KKT`) the iterations take the
       residual of each refinement step from the regularization alone, ``(δ dx, −δ dy)``, with
       no products with ``A``; the derivative always recomputes it from the data.
@@ -1052,7 +1065,7 @@ def _solve(
     ineq[p:] = 1.0
     is_eq = ineq == 0
     kkt_dtype = opts["kkt_dtype"]
-    kkt = _KKT(P, A, B, p, float(opts["reg"]), kkt_dtype, opts["dual_reg"])
+    kkt = _KKT(P, A, B, p, float(opts["reg"]), kkt_dtype, opts["small_reg"])
     refine = opts["refine_iters"]
     if refine is None:
         refine = 0 if kkt.unrefined else opts["refine"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -58,9 +57,8 @@ def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False)
 
 def _outer_on_pattern(u, v, pattern: SparsePattern):
     """The entries of the batched outer products ``u vᵀ`` on ``pattern``, ``(B, nnz)``."""
-    r, c = pattern.shape
-    if pattern.nnz == r * c and (pattern.rows * c + pattern.cols == np.arange(r * c)).all():
-        return (u.unsqueeze(2) * v.unsqueeze(1)).reshape(u.shape[0], -1)  # dense, row-major
+    if pattern.is_full:
+        return (u.unsqueeze(2) * v.unsqueeze(1)).reshape(u.shape[0], -1)
     rows = torch.as_tensor(pattern.rows, device=u.device)
     cols = torch.as_tensor(pattern.cols, device=u.device)
     return take_cols(u, rows) * take_cols(v, cols)

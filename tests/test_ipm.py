@@ -391,22 +391,25 @@ def test_chunks_match_the_whole_batch(n_jobs):
 
 
 def test_default_chunks_are_cache_sized_and_one_per_thread():
-    from diffopt.solvers.ipm import _chunk_bounds
+    from diffopt.solvers.ipm import _chunk_bounds, _per_item_entries
+
+    def bounds(prog, chunk_size, n_jobs):
+        return _chunk_bounds(prog.batch_size, _per_item_entries(prog), chunk_size, n_jobs)
 
     # 100 variables, 100 per-item inequality rows: 8·(100² + 100·100) bytes per item, so 19
     # items fit 3 MiB; chunks are balanced, of at most max(32, 19) items.
     P, c, A, b = random_problem(100, 100, 0, 100, seed=14)
     prog = program(P[:1].expand_as(P), c, A, b, 0, 100)
-    assert _chunk_bounds(prog, None, 1) == [0, 25, 50, 75, 100]
+    assert bounds(prog, None, 1) == [0, 25, 50, 75, 100]
     # With shared matrices only the factor counts: 8·20² bytes per item, one chunk.
     P, c, A, b = random_problem(100, 20, 0, 20, seed=15)
     shared = program(P[:1].expand_as(P), c, A[:1].expand_as(A), b, 0, 20)
-    assert _chunk_bounds(shared, None, 1) == [0, 100]
+    assert bounds(shared, None, 1) == [0, 100]
     # One chunk per thread when threads are asked for, down to 8 items.
-    assert _chunk_bounds(shared, None, 4) == [0, 25, 50, 75, 100]
-    assert _chunk_bounds(program(*random_problem(12, 4, 0, 4, seed=16), 0, 4), None, 4) == [
+    assert bounds(shared, None, 4) == [0, 25, 50, 75, 100]
+    assert bounds(program(*random_problem(12, 4, 0, 4, seed=16), 0, 4), None, 4) == [
         0, 6, 12]
-    assert _chunk_bounds(prog, 40, 1) == [0, 33, 67, 100]
+    assert bounds(prog, 40, 1) == [0, 33, 67, 100]
 
 
 def test_small_solves_run_on_one_thread_and_restore_the_setting(monkeypatch):

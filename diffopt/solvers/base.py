@@ -73,6 +73,13 @@ class SparsePattern:
     def nnz(self) -> int:
         return int(self.rows.size)
 
+    @functools.cached_property
+    def is_full(self) -> bool:
+        """Whether the pattern holds every entry of its shape, in row-major order (a dense
+        matrix: its values are the matrix, reshaped)."""
+        r, c = self.shape
+        return self.nnz == r * c and bool((self.rows * c + self.cols == np.arange(r * c)).all())
+
 
 @dataclass
 class ConeProgram:

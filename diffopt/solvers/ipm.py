@@ -273,11 +273,11 @@ class _Matrix:
         if shared:
             values = values[:1]
         r, c = pattern.shape
-        flat = pattern.rows * c + pattern.cols
-        if flat.size == r * c and bool((flat == np.arange(r * c)).all()):
-            return _Matrix(values.reshape(values.shape[0], r, c), shared)  # dense: no scatter
+        if pattern.is_full:
+            return _Matrix(values.reshape(values.shape[0], r, c), shared)  # no scatter
         out = values.new_zeros(values.shape[0], r * c)
-        out.index_copy_(1, torch.as_tensor(flat, device=out.device), values)
+        flat = torch.as_tensor(pattern.rows * c + pattern.cols, device=out.device)
+        out.index_copy_(1, flat, values)
         return _Matrix(out.view(values.shape[0], r, c), shared)
 
     def to(self, dtype: torch.dtype) -> _Matrix:
@@ -405,11 +405,11 @@ class _KKT:
         self.D = A.M.new_zeros(B, m, dtype=dtype)
         self.w = self.D
         # small_reg: the dual form and the bounds form with a positive diagonal P take their
-        # smaller δ (_DUAL_REG, _BOUNDS_REG), with which the iteration solves need no refinement.
-        self.small_reg, self.unrefined = small_reg, False
-        self.bounds = p < n and self._bounds_form()
+        # smaller δ (_DUAL_REG, _BOUNDS_REG), with which the iteration solves need no refinement
+        # (``unrefined``, set by the form).
+        self.unrefined = False
+        self.bounds = p < n and self._bounds_form(small_reg)
         self.dual = not self.bounds and self._dual_form(_DUAL_REG if small_reg else reg)
-        # Whether the iterations' solves need no refinement (the dual form with a tiny δ).
         self.unrefined = self.unrefined or (self.dual and small_reg)
         if self.bounds or self.dual:
             return
@@ -419,7 +419,7 @@ class _KKT:
         self.base[:, :: n + 1] += reg
         self.gram = _Gram(self.A, B)
 
-    def _bounds_form(self) -> bool:
+    def _bounds_form(self, small_reg: bool) -> bool:
         """Set up the bounds form (see the class doc) if the structure allows it."""
         M, p, n = self.A.M, self.p, self.n
         if self.P is not None:
@@ -439,7 +439,7 @@ class _KKT:
             self.aI = self.aI.unsqueeze(1)  # (B, 1, l): broadcasts over stacks of vectors
         self.a2 = M[..., rows, self.col] ** 2
         pdiag = 0.0 if self.P is None else self.P.M.diagonal(dim1=-2, dim2=-1)
-        if self.small_reg and self.P is not None and bool(
+        if small_reg and self.P is not None and bool(
                 (pdiag.amin(-1) >= _DUAL_COND * pdiag.amax(-1)).all()
                 & (pdiag.amin(-1) > 0).all()):
             self.reg, self.unrefined = _BOUNDS_REG, True
@@ -612,7 +612,7 @@ class _IPMDifferentiator:
                  y: Tensor | None = None, exact: bool = False, one_thread: bool = False) -> None:
         self._kkt = kkt
         self._refine = refine
-        self._one_thread = one_thread  # solves of a small problem: see _small_for_threads
+        self._one_thread = one_thread  # solves of a small problem (see NativeIPM.solve)
         self.exact = exact and s is not None and y is not None and s.shape[1] > p
         B = kkt.B
         self.degenerate = torch.zeros(B, dtype=torch.bool, device=kkt.D.device)
@@ -812,25 +812,15 @@ def _per_item_entries(program: ConeProgram) -> int:
     return per_item
 
 
-def _small_for_threads(program: ConeProgram) -> bool:
-    """Whether a CPU solve is small enough to run on one intra-op thread.
-
-    Its batched kernels are tiny: splitting them over threads costs more in synchronization
-    than it saves (the 5x5 shortest-path LP at B = 32: 10.4 ms with 2 threads, 6.6 ms with 1).
-    Larger problems keep torch's setting (the (100, 90) QP at B = 32 is 40 % slower on one).
-    """
-    return (program.c.device.type == "cpu"
-            and program.batch_size * _per_item_entries(program) < _ONE_THREAD_ENTRIES)
-
-
-def _chunk_bounds(program: ConeProgram, chunk_size: int | None, n_jobs: int) -> list[int]:
-    """Boundaries ``[0, …, B]`` of balanced chunks of at most ``chunk_size`` items (by default
-    cache-sized on CPU, and at least one per thread while chunks keep ``_CHUNK_MIN_THREAD``)."""
-    B = program.batch_size
+def _chunk_bounds(B: int, per_item: int | None, chunk_size: int | None,
+                  n_jobs: int) -> list[int]:
+    """Boundaries ``[0, …, B]`` of balanced chunks of at most ``chunk_size`` items: by default
+    cache-sized from the ``per_item`` matrix entries on CPU (None: on a GPU, one chunk), and at
+    least one per thread while chunks keep ``_CHUNK_MIN_THREAD`` items."""
     if chunk_size is None:
-        if program.c.device.type != "cpu":
+        if per_item is None:
             return [0, B]
-        chunk_size = max(_CHUNK_MIN, _CHUNK_BYTES // (8 * max(_per_item_entries(program), 1)))
+        chunk_size = max(_CHUNK_MIN, _CHUNK_BYTES // (8 * max(per_item, 1)))
         chunk_size = min(chunk_size, max(_CHUNK_MIN_THREAD, -(-B // n_jobs)))
     k = max(1, -(-B // chunk_size))
     return [round(i * B / k) for i in range(k + 1)]
@@ -969,8 +959,12 @@ class NativeIPM(Backend):
             )
         opts = _options(options, program.c.dtype)
         B = program.batch_size
-        small = _small_for_threads(program)
-        bounds = _chunk_bounds(program, opts["chunk_size"], opts["n_jobs"])
+        per_item = _per_item_entries(program) if program.c.device.type == "cpu" else None
+        # Small CPU problems run on one intra-op thread: splitting their tiny batched kernels
+        # costs more in synchronization than it saves (the 5x5 shortest-path LP at B = 32:
+        # 10.4 ms with 2 threads, 6.6 ms with 1; the (100, 90) QP at B = 32 is 40 % slower on 1).
+        small = per_item is not None and B * per_item < _ONE_THREAD_ENTRIES
+        bounds = _chunk_bounds(B, per_item, opts["chunk_size"], opts["n_jobs"])
         if opts["warm_start"] is not None and len(bounds) > 2:
             opts["warm_start"] = _warm_point(opts["warm_start"], program.n, program.m, program.c)
 

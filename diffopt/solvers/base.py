@@ -17,7 +17,8 @@ import contextlib
 import enum
 import functools
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -279,14 +280,14 @@ class PerItemBackend(Backend):
                                                         keep=pp.rows <= pp.cols),
             dims=program.dims,
         )
+        def solve_item(i: int) -> ItemResult:
+            return self.solve_one(data.P(i), data.c[i], data.A(i), data.b[i], data.dims, options)
+
         if n_jobs == 1:
-            results = _solve_items(self, data, options)
+            results = [solve_item(i) for i in range(B)]
         else:
-            with _blas_limit(max(1, cores // n_jobs)), one_torch_thread(), \
-                    ThreadPoolExecutor(n_jobs) as pool:
-                futures = [pool.submit(_solve_items, self, data.take(slice(i, i + 1)), options)
-                           for i in range(data.size)]
-                results = [r for f in futures for r in f.result()]
+            with _blas_limit(max(1, cores // n_jobs)), one_torch_thread():
+                results = parallel_map(solve_item, B, n_jobs)
         ref = program.c
         n, m = program.n, program.m
 
@@ -344,21 +345,60 @@ class _Batch:
     def size(self) -> int:
         return int(self.c.shape[0])
 
-    def take(self, rows: slice) -> _Batch:
-        return _Batch(self.c[rows], self.b[rows], self.A_values[rows],
-                      None if self.P_values is None else self.P_values[rows],
-                      self.A_layout, self.P_layout, self.dims)
+    def A(self, i: int) -> sp.csc_matrix:
+        return self.A_layout.matrix(self.A_values[i])
+
+    def P(self, i: int) -> sp.csc_matrix | None:
+        if self.P_layout is None or self.P_values is None:
+            return None
+        return self.P_layout.matrix(self.P_values[i])
 
 
-def _solve_items(backend: PerItemBackend, data: _Batch, options: dict) -> list[ItemResult]:
-    """Solve the items of ``data`` one after the other."""
-    out = []
-    for i in range(data.size):
-        A = data.A_layout.matrix(data.A_values[i])
-        P = None
-        if data.P_layout is not None and data.P_values is not None:
-            P = data.P_layout.matrix(data.P_values[i])
-        out.append(backend.solve_one(P, data.c[i], A, data.b[i], data.dims, options))
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads kept for the life of the process: starting threads on every
+    batch cost ~1-2 ms each (a new thread waits for the GIL to signal that it runs)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="diffopt")
+
+
+_in_worker = threading.local()
+
+
+def parallel_map(fn: Callable[[int], Any], count: int, n_jobs: int) -> list:
+    """``[fn(0), ..., fn(count - 1)]`` computed on ``n_jobs`` threads of a persistent pool.
+
+    Each thread takes the next undone index until none is left (items of uneven cost balance
+    themselves), and one task per thread is queued, not one per item. Worth it where ``fn``
+    releases the GIL for most of its time (Clarabel, SCS and ECOS solves, SuperLU
+    factorizations). The first exception raised by ``fn`` propagates. Called from inside a
+    worker (nested), it runs serially, so a pool never waits on itself.
+
+    Example:
+        >>> from diffopt.solvers.base import parallel_map
+        >>> parallel_map(lambda i: i * i, 5, n_jobs=2)
+        [0, 1, 4, 9, 16]
+    """
+    if n_jobs <= 1 or count <= 1 or getattr(_in_worker, "active", False):
+        return [fn(i) for i in range(count)]
+    out: list = [None] * count
+    indices = iter(range(count))
+    lock = threading.Lock()
+
+    def work() -> None:
+        _in_worker.active = True
+        try:
+            while True:
+                with lock:
+                    i = next(indices, None)
+                if i is None:
+                    return
+                out[i] = fn(i)
+        finally:
+            _in_worker.active = False
+
+    workers = min(n_jobs, count)
+    for future in [_pool(workers).submit(work) for _ in range(workers)]:
+        future.result()
     return out
 
 

@@ -80,14 +80,20 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from diffopt.solvers.base import Backend, ConeProgram, Solution, Status, one_torch_thread
+from diffopt.solvers.base import (
+    Backend,
+    ConeProgram,
+    Solution,
+    Status,
+    one_torch_thread,
+    parallel_map,
+)
 
 __all__ = ["NativeIPM"]
 
@@ -987,8 +993,7 @@ class NativeIPM(Backend):
 
         spans = list(itertools.pairwise(bounds))
         if len(spans) > 1 and opts["n_jobs"] > 1:
-            with ThreadPoolExecutor(min(opts["n_jobs"], len(spans))) as pool:
-                parts = list(pool.map(lambda span: solve_chunk(*span), spans))
+            parts = parallel_map(lambda k: solve_chunk(*spans[k]), len(spans), opts["n_jobs"])
         else:
             with one_torch_thread(small):
                 parts = [solve_chunk(lo, hi) for lo, hi in spans]

@@ -75,3 +75,38 @@ def test_option_validation():
     layer = socp_layer("clarabel")
     with pytest.raises(ValueError, match="n_jobs must be a positive integer"):
         layer(torch.zeros(2, 6), solver_args={"n_jobs": -1})
+
+
+def _solve_in_child(queue):
+    layer = socp_layer("clarabel")
+    (x,) = layer(torch.ones(4, 6, dtype=torch.float64), solver_args={"n_jobs": 2})
+    queue.put(x.numpy())
+
+
+def test_pool_works_in_a_forked_child():
+    # The parent's pool threads do not exist in a forked child; a pool kept across the fork
+    # would queue the child's items forever.
+    import multiprocessing as mp
+
+    layer = socp_layer("clarabel")
+    (x,) = layer(torch.ones(4, 6, dtype=torch.float64), solver_args={"n_jobs": 2})
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_solve_in_child, args=(queue,))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+        child.join(timeout=60)
+    finally:
+        child.kill()  # a no-op once it has exited
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got, x.numpy())
+
+
+def test_parallel_map_nested_and_errors():
+    from diffopt.solvers.base import parallel_map
+
+    assert parallel_map(lambda i: parallel_map(lambda j: 10 * i + j, 3, 2), 4, 2) == \
+        [[10 * i + j for j in range(3)] for i in range(4)]
+    with pytest.raises(ZeroDivisionError):
+        parallel_map(lambda i: 1 / (i - 5), 8, 2)

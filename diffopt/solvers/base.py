@@ -361,6 +361,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="diffopt")
 
 
+if hasattr(os, "register_at_fork"):  # a forked child has the pools but not their threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
 _in_worker = threading.local()
 
 

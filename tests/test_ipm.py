@@ -510,14 +510,29 @@ def test_bounds_form_matches_clarabel(shared, lp):
     data = bounds_problem(6, n, p, shared, lp=lp, seed=12)
     sol = NativeIPM().solve(program(*data, p, 2 * n), {})
     kkt = sol.differentiator._kkt
-    # A positive diagonal P: δ = 1e-9 without refinement; an LP: δ = 1e-7, refined.
-    assert kkt.bounds and kkt.unrefined == (not lp) and kkt.reg == (1e-7 if lp else 1e-9)
+    # A positive diagonal P or bounds on every variable: δ = 1e-9 without refinement.
+    assert kkt.bounds and kkt.unrefined and kkt.reg == 1e-9
     assert all(st is Status.OPTIMAL for st in sol.status)
     x, y, s = clarabel_reference(*data, p, 2 * n)
     assert rel_err(sol.x, x) <= TOL_REF
     assert rel_err(sol.s, s) <= TOL_REF
     if not lp:  # LP duals need not be unique
         assert rel_err(sol.y, y) <= TOL_REF
+
+
+def test_bounds_form_keeps_refinement_for_a_variable_without_bounds():
+    # min c0 x0 + c1 x1 + c2 x2  s.t.  x0 − x1 = 0.5, x1 ≥ 0, 0 ≤ x2 ≤ 1 (x0 free: G_00 = δ).
+    # With c0 + c1 > 0 the optimum is x = (0.5, 0, 0 or 1 by the sign of c2).
+    c = torch.tensor([[1.0, 0.5, 2.0], [-0.5, 1.0, -1.0]], dtype=torch.float64)
+    A = torch.tensor([[1.0, -1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [0.0, 0.0, 1.0]],
+                     dtype=torch.float64).expand(2, 4, 3)
+    b = torch.tensor([0.5, 0.0, 0.0, 1.0], dtype=torch.float64).expand(2, 4)
+    sol = NativeIPM().solve(program(None, c, A, b, 1, 3), {})
+    kkt = sol.differentiator._kkt
+    assert kkt.bounds and not kkt.unrefined and kkt.reg == 1e-7
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    expected = torch.tensor([[0.5, 0.0, 0.0], [0.5, 0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(sol.x, expected, rtol=0, atol=1e-8)
 
 
 @pytest.mark.parametrize("mu", [0.0, 1e-2])
@@ -593,11 +608,15 @@ def test_ill_conditioned_P_keeps_the_general_form():
     assert rel_err(sol.s, s) <= TOL_REF
 
 
-def test_bounds_form_with_diagonal_P_converges_on_smoothed_paths():
+@pytest.mark.parametrize("tol", [None, 1e-12])
+@pytest.mark.parametrize("smoothing", [1.0, None], ids=["qptl", "lp"])
+def test_bounds_form_converges_on_paths(tol, smoothing):
     # Regression: QuadraticSmoothing(1) of the 5x5 shortest-path LP (min cᵀx + ½‖x‖², flow
     # conservation, 0 ≤ x ≤ 1) with costs like a model's predictions in training. With δ = 1e-12
     # in the bounds form this batch took 93 iterations (others in training > 100); the form's
-    # δ = 1e-9 keeps it at the usual count.
+    # δ = 1e-9 keeps it at the usual count. At tol = 1e-12 the unrefined δ = 1e-9 stalled too
+    # (7 QPTL items of this batch); there the solver takes δ = 1e-7 with refinement. The LP
+    # itself (every arc bounded) gets the same treatment.
     cp = pytest.importorskip("cvxpy")
     from diffopt import CvxpyLayer, QuadraticSmoothing
 
@@ -616,7 +635,8 @@ def test_bounds_form_with_diagonal_P_converges_on_smoothed_paths():
     layer = CvxpyLayer(problem, parameters=[cost], variables=[x])
     g = torch.Generator().manual_seed(5)
     c = 0.8 * torch.randn(64, len(arcs), generator=g, dtype=torch.float64)
-    layer(c, gradient=QuadraticSmoothing(1.0))
+    gradient = None if smoothing is None else QuadraticSmoothing(smoothing)
+    layer(c, gradient=gradient, solver_args={"tol": tol, "on_failure": "nan"})
     assert all(st is Status.OPTIMAL for st in layer.info.status)
     assert max(layer.info.iterations) <= 25
 

@@ -39,7 +39,8 @@ Linear algebra. Every Newton system is the quasidefinite KKT system
 
 solved through its regularized reduction ``H = P + δI + Aᵀ(D + δ)⁻¹A = LLᵀ`` (one batched
 Cholesky per iteration for the whole batch, ``n × n``), with iterative refinement against the
-unregularized ``K``. When ``P`` is diagonal and each inequality row has one nonzero (bounds,
+unregularized ``K`` (in float64 at ``tol ≥ 1e-10``, the dual and bounds reductions below take a
+δ small enough to need none where the structure keeps them well conditioned). When ``P`` is diagonal and each inequality row has one nonzero (bounds,
 as in ``0 ≤ x ≤ 1``), the reduction goes one step further, to the Schur complement on the
 ``p < n`` equality rows (``p × p``). When ``P`` is positive definite (and ``m`` is not much larger
 than ``n``), ``x`` is eliminated instead: ``S = A(P + δI)⁻¹Aᵀ + D + δI`` (``m × m``), whose
@@ -111,12 +112,18 @@ _REG = {torch.float64: 1e-7, torch.float32: 1e-3}
 # refinement (same iterations and residuals as δ = 1e-7 with one refinement step on random QPs,
 # 15-30 % faster; the derivative still refines against the exact system).
 _DUAL_REG = 1e-12
-# The same for the bounds form with a positive diagonal P; not smaller: there the weights
-# w = 1/(D + δ) of active bounds enter S = A_E G⁻¹ A_Eᵀ inverted, and with δ = 1e-12 some
-# QuadraticSmoothing batches of the shortest-path example stalled (with 1e-9 they take 14
-# iterations, as with 1e-7 and refinement). LPs keep δ = 1e-7 and refinement: a variable strictly
-# inside its bounds has G_jj → δ, and tight tolerances need the refined directions.
+# The same for the bounds form when G = diag(P) + δ + Σ w a² stays away from δ: P a positive
+# diagonal, or a bound row on every variable (LPs such as the shortest path: same iterations and
+# answers as δ = 1e-7 with refinement, 15 % faster). Not smaller: the weights w = 1/(D + δ) of
+# active bounds enter S = A_E G⁻¹ A_Eᵀ inverted, and with δ = 1e-12 some QuadraticSmoothing
+# batches of the shortest-path example stalled (with 1e-9 they take 14 iterations, as with 1e-7
+# and refinement). Other bounds-form problems keep δ = 1e-7 and refinement: a variable without
+# bounds or quadratic term has G_jj = δ.
 _BOUNDS_REG = 1e-9
+# The unrefined small δ only down to this tolerance: below it the unrefined directions stall
+# (shortest-path LP and its QuadraticSmoothing at tol = 1e-12: 1 and 73 of 1600 items hit the
+# iteration limit; none with δ = 1e-7 and refinement, none at tol = 1e-11).
+_SMALL_REG_MIN_TOL = 1e-10
 _OPTION_KEYS = (
     "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine", "kkt_dtype",
     "verbose", "n_jobs", "chunk_size",
@@ -177,7 +184,8 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
     opts["kkt_dtype"] = opts["kkt_dtype"] or torch.float64
     # Internal: whether the forms that allow it take their smaller float64 δ (unless the user set
     # one), and the refinement of the iterations' solves unless the user set it (None: by form).
-    opts["small_reg"] = "reg" not in opts and opts["kkt_dtype"] == torch.float64
+    opts["small_reg"] = ("reg" not in opts and opts["kkt_dtype"] == torch.float64
+                         and float(opts["tol"]) >= _SMALL_REG_MIN_TOL)
     opts["refine_iters"] = opts["refine"] if options.get("refine") is not None else None
     opts.setdefault("reg", _REG[opts["kkt_dtype"]])
     for key in ("tol", "tol_infeas", "reg"):
@@ -410,8 +418,8 @@ class _KKT:
         self.B, self.n, self.p, self.reg = B, n, p, reg
         self.D = A.M.new_zeros(B, m, dtype=dtype)
         self.w = self.D
-        # small_reg: the dual form and the bounds form with a positive diagonal P take their
-        # smaller δ (_DUAL_REG, _BOUNDS_REG), with which the iteration solves need no refinement
+        # small_reg: the dual form, and the bounds form with a positive diagonal P or a bound on
+        # every variable, take their smaller δ (_DUAL_REG, _BOUNDS_REG), with which the iteration solves need no refinement
         # (``unrefined``, set by the form).
         self.unrefined = False
         self.bounds = p < n and self._bounds_form(small_reg)
@@ -445,9 +453,9 @@ class _KKT:
             self.aI = self.aI.unsqueeze(1)  # (B, 1, l): broadcasts over stacks of vectors
         self.a2 = M[..., rows, self.col] ** 2
         pdiag = 0.0 if self.P is None else self.P.M.diagonal(dim1=-2, dim2=-1)
-        if small_reg and self.P is not None and bool(
+        if small_reg and (bool(nz.any(0).all()) or self.P is not None and bool(
                 (pdiag.amin(-1) >= _DUAL_COND * pdiag.amax(-1)).all()
-                & (pdiag.amin(-1) > 0).all()):
+                & (pdiag.amin(-1) > 0).all())):
             self.reg, self.unrefined = _BOUNDS_REG, True
         self.gbase = (M.new_zeros(self.B, n) + pdiag + self.reg).contiguous()
         shared = self.A.shared

@@ -34,7 +34,12 @@ step.
     python examples/shortest_path.py --degrees 1 2 4 6 --seeds 0 1 2 3 4 --epochs 20   # full protocol
 
 Prints a table of normalized test regret (mean ± std over seeds), writes it as JSON (--json) and
-draws a figure (--plot).
+draws a figure (--plot). To choose a hyperparameter (--gamma, --mu, --sigma, ...) without looking
+at the test set, --validation K trains on all but the last K training points and scores on those
+K instead of the test set:
+
+    python examples/shortest_path.py --methods log-barrier --mu 0.05 --validation 200 \
+        --degrees 1 2 4 6 --seeds 0 1 2 3 4 --epochs 20
 """
 
 from __future__ import annotations
@@ -159,6 +164,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--validation", type=int, default=0,
+                    help="hold out the last K training points and report the regret on them "
+                         "instead of the test set (for tuning hyperparameters)")
     ap.add_argument("--noise", type=float, default=0.5, help="ε̄: multiplicative noise half-width")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -177,6 +185,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="write the results to this JSON file")
     ap.add_argument("--plot", help="write a bar chart of the regrets to this PNG file")
     args = ap.parse_args(argv)
+    if not 0 <= args.validation < args.train:
+        ap.error(f"--validation must be in [0, --train) = [0, {args.train}), received "
+                 f"{args.validation}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -197,6 +208,8 @@ def _run(args) -> dict:
                 W = layer(C)[0]
             Z = (C * W).sum(1)
             tr, te = (torch.as_tensor(i) for i in split(args.train + args.test, args.test, seed))
+            if args.validation:
+                tr, te = tr[:-args.validation], tr[-args.validation:]
             for m in args.methods:
                 nreg, secs = train_one(m, layer, X[tr], C[tr], W[tr], Z[tr], X[te], C[te], Z[te],
                                        args, seed)
@@ -204,7 +217,9 @@ def _run(args) -> dict:
                 tqdm.write(f"{m:>12} deg={deg} seed={seed}: normalized regret "
                            f"{100 * nreg:.2f}%  ({secs:.1f} s)")
 
-    print(f"\nNormalized test regret (%), mean ± std over seeds {args.seeds}, "
+    scored = f"validation ({args.validation} held-out training points)" if args.validation \
+        else "test"
+    print(f"\nNormalized {scored} regret (%), mean ± std over seeds {args.seeds}, "
           f"{args.epochs} epochs, n={args.train}, noise={args.noise}")
     print(f"{'method':>12} | " + " | ".join(f"{'deg ' + str(d):>13}" for d in args.degrees)
           + " | s/run")

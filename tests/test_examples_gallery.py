@@ -105,3 +105,24 @@ def test_plot_sdp_maxcut_defaults(tmp_path):
 def test_mpc_learned_cost_defaults(tmp_path):
     out = load("mpc_learned_cost").main(["--plot", str(tmp_path / "c.png")])
     assert out["test_loss_after"] < 0.01 * out["test_loss_before"]
+
+
+def test_shortest_path_main_job(tmp_path):
+    """README's main job with tiny settings: table, JSON and figure; --validation scores on
+    held-out training points, not on the test set."""
+    import json
+
+    sp = load("shortest_path")
+    common = ["--degrees", "2", "--epochs", "2", "--train", "96", "--test", "64",
+              "--methods", "two-stage-ls", "spo+", "log-barrier"]
+    table = sp.main([*common, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    saved = json.loads((tmp_path / "r.json").read_text())["normalized_regret_percent"]
+    for method in ("two-stage-ls", "spo+", "log-barrier"):
+        mean = table[method][2]["mean"]
+        assert finite(mean) and 0.0 <= mean < 100.0
+        assert saved[method]["2"]["mean"] == mean
+    assert (tmp_path / "r.png").stat().st_size > 0
+    held_out = sp.main([*common, "--validation", "32"])
+    assert held_out["two-stage-ls"][2]["mean"] != table["two-stage-ls"][2]["mean"]
+    with pytest.raises(SystemExit):
+        sp.main([*common, "--validation", "96"])

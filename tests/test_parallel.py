@@ -108,5 +108,12 @@ def test_parallel_map_nested_and_errors():
 
     assert parallel_map(lambda i: parallel_map(lambda j: 10 * i + j, 3, 2), 4, 2) == \
         [[10 * i + j for j in range(3)] for i in range(4)]
+    done = []
+
+    def fails_at_5(i):
+        done.append(i)
+        return 1 / (i - 5)
+
     with pytest.raises(ZeroDivisionError):
-        parallel_map(lambda i: 1 / (i - 5), 8, 2)
+        parallel_map(fails_at_5, 1000, 2)
+    assert 5 in done and len(done) < 1000  # the threads stopped taking items

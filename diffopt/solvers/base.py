@@ -19,7 +19,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -280,6 +280,7 @@ class PerItemBackend(Backend):
                                                         keep=pp.rows <= pp.cols),
             dims=program.dims,
         )
+
         def solve_item(i: int) -> ItemResult:
             return self.solve_one(data.P(i), data.c[i], data.A(i), data.b[i], data.dims, options)
 
@@ -331,7 +332,8 @@ class _CSCLayout:
 
 @dataclass
 class _Batch:
-    """The NumPy/SciPy data of a batch (or a slice of it), with the per-call sparse layouts."""
+    """The NumPy/SciPy data of a batch, with the per-call sparse layouts; ``A(i)`` and ``P(i)``
+    build item ``i``'s matrices."""
 
     c: np.ndarray
     b: np.ndarray
@@ -340,10 +342,6 @@ class _Batch:
     A_layout: _CSCLayout
     P_layout: _CSCLayout | None
     dims: ConeDims
-
-    @property
-    def size(self) -> int:
-        return int(self.c.shape[0])
 
     def A(self, i: int) -> sp.csc_matrix:
         return self.A_layout.matrix(self.A_values[i])
@@ -372,9 +370,10 @@ def parallel_map(fn: Callable[[int], Any], count: int, n_jobs: int) -> list:
 
     Each thread takes the next undone index until none is left (items of uneven cost balance
     themselves), and one task per thread is queued, not one per item. Worth it where ``fn``
-    releases the GIL for most of its time (Clarabel, SCS and ECOS solves, SuperLU
-    factorizations). The first exception raised by ``fn`` propagates. Called from inside a
-    worker (nested), it runs serially, so a pool never waits on itself.
+    releases the GIL for most of its time (Clarabel, SCS and ECOS solves; the torch kernels of
+    the native solver's chunks). If ``fn`` raises, the threads take no further index and the
+    first exception propagates once all have stopped. Called from inside a worker (nested), it
+    runs serially, so a pool never waits on itself.
 
     Example:
         >>> from diffopt.solvers.base import parallel_map
@@ -386,21 +385,27 @@ def parallel_map(fn: Callable[[int], Any], count: int, n_jobs: int) -> list:
     out: list = [None] * count
     indices = iter(range(count))
     lock = threading.Lock()
+    failed = threading.Event()
 
     def work() -> None:
         _in_worker.active = True
         try:
-            while True:
+            while not failed.is_set():
                 with lock:
                     i = next(indices, None)
                 if i is None:
                     return
                 out[i] = fn(i)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             _in_worker.active = False
 
     workers = min(n_jobs, count)
-    for future in [_pool(workers).submit(work) for _ in range(workers)]:
+    futures = [_pool(workers).submit(work) for _ in range(workers)]
+    wait(futures)
+    for future in futures:
         future.result()
     return out
 

@@ -115,7 +115,8 @@ def test_shortest_path_main_job(tmp_path):
     sp = load("shortest_path")
     common = ["--degrees", "2", "--epochs", "2", "--train", "96", "--test", "64",
               "--methods", "two-stage-ls", "spo+", "log-barrier"]
-    table = sp.main([*common, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    table = sp.main([*common, "--json", str(tmp_path / "r.json"),
+                     "--plot", str(tmp_path / "r.png")])
     saved = json.loads((tmp_path / "r.json").read_text())["normalized_regret_percent"]
     for method in ("two-stage-ls", "spo+", "log-barrier"):
         mean = table[method][2]["mean"]

@@ -40,11 +40,12 @@ Linear algebra. Every Newton system is the quasidefinite KKT system
 solved through its regularized reduction ``H = P + δI + Aᵀ(D + δ)⁻¹A = LLᵀ`` (one batched
 Cholesky per iteration for the whole batch, ``n × n``), with iterative refinement against the
 unregularized ``K`` (in float64 at ``tol ≥ 1e-10``, the dual and bounds reductions below take a
-δ small enough to need none where the structure keeps them well conditioned). When ``P`` is diagonal and each inequality row has one nonzero (bounds,
-as in ``0 ≤ x ≤ 1``), the reduction goes one step further, to the Schur complement on the
-``p < n`` equality rows (``p × p``). When ``P`` is positive definite (and ``m`` is not much larger
-than ``n``), ``x`` is eliminated instead: ``S = A(P + δI)⁻¹Aᵀ + D + δI`` (``m × m``), whose
-first term is formed once per solve, so an iteration only adds the diagonal and factors.
+δ small enough to need none where the structure keeps them well conditioned). When ``P`` is
+diagonal and each inequality row has one nonzero (bounds, as in ``0 ≤ x ≤ 1``), the reduction
+goes one step further, to the Schur complement on the ``p < n`` equality rows (``p × p``).
+When ``P`` is positive definite (and ``m`` is not much larger than ``n``), ``x`` is eliminated
+instead: ``S = A(P + δI)⁻¹Aᵀ + D + δI`` (``m × m``), whose first term is formed once per solve,
+so an iteration only adds the diagonal and factors.
 Constraint matrices shared by the whole batch are stored once, so that each product is one
 matrix multiplication for the batch. On CPU, large batches are solved in cache-sized chunks
 (option ``chunk_size``), optionally on threads (``n_jobs``).
@@ -419,8 +420,8 @@ class _KKT:
         self.D = A.M.new_zeros(B, m, dtype=dtype)
         self.w = self.D
         # small_reg: the dual form, and the bounds form with a positive diagonal P or a bound on
-        # every variable, take their smaller δ (_DUAL_REG, _BOUNDS_REG), with which the iteration solves need no refinement
-        # (``unrefined``, set by the form).
+        # every variable, take their smaller δ (_DUAL_REG, _BOUNDS_REG), with which the
+        # iteration solves need no refinement (``unrefined``, set by the form).
         self.unrefined = False
         self.bounds = p < n and self._bounds_form(small_reg)
         self.dual = not self.bounds and self._dual_form(_DUAL_REG if small_reg else reg)

@@ -114,3 +114,100 @@ def test_auto_picks_sparse_for_a_large_mostly_zero_system():
     # min 0 s.t. 2x = 1: dx = db / 2 for a change db of b (dR₂ = −db)
     dx, _, _ = kkt.tangent(torch.zeros(B, n, dtype=f64), -torch.ones(B, n, dtype=f64))
     assert torch.allclose(dx, torch.full((B, n), 0.5, dtype=f64))
+
+
+def _program_with_aux(B: int, seed: int = 3):
+    """Like _program, but the last three variables are auxiliaries as CVXPY makes them (say
+    t = Fx − g for sum_squares): each has one nonzero in A, in zero-cone row 0, 1, 2, and P
+    touches two of them on the diagonal only (the third appears in no quadratic term)."""
+    rng = np.random.default_rng(seed)
+    m = DIMS.size
+    a_mask = rng.random((m, N_X)) < 0.2
+    a_mask[np.arange(m), np.arange(m) % (N_X - 3)] = True
+    aux = np.arange(N_X - 3, N_X)
+    a_mask[:, aux] = False
+    a_mask[[0, 1, 2], aux] = True
+    pa = _pattern(a_mask)
+    p_mask = np.eye(N_X, dtype=bool)
+    p_mask[0, 1] = p_mask[1, 0] = True
+    p_mask[N_X - 1, N_X - 1] = False
+    pp = _pattern(p_mask)
+    P = np.zeros((B, N_X, N_X))
+    P[:, pp.rows, pp.cols] = rng.uniform(0.5, 1.5, (B, pp.nnz))
+    P = 0.5 * (P + P.transpose(0, 2, 1))
+    f64 = torch.float64
+    program = ConeProgram(
+        pp, torch.tensor(P[:, pp.rows, pp.cols], dtype=f64),
+        torch.tensor(rng.standard_normal((B, N_X)), dtype=f64),
+        pa, torch.tensor(rng.standard_normal((B, pa.nnz)), dtype=f64),
+        torch.tensor(rng.standard_normal((B, m)), dtype=f64), DIMS,
+    )
+    v = torch.tensor(rng.standard_normal((B, m)), dtype=f64)
+    y = proj_dual(v, DIMS)
+    x = torch.tensor(rng.standard_normal((B, N_X)), dtype=f64)
+    return program, x, y, y - v
+
+
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+@pytest.mark.parametrize("case", ["all-ok", "one-failed", "a-zero"])
+def test_eliminating_auxiliary_variables_keeps_the_solutions(method, case):
+    B = 4
+    program, x, y, s = _program_with_aux(B)
+    ok = torch.ones(B, dtype=torch.bool)
+    if case == "one-failed":
+        ok[1] = False
+    if case == "a-zero":  # item 2's coefficient of the first auxiliary is 0: not eliminated
+        pa = program.A_pattern
+        program.A_values[2, np.flatnonzero((pa.rows == 0) & (pa.cols == N_X - 3))] = 0.0
+    n, m = program.n, program.m
+    J = _J(program, y, s)
+    D = dproj_dual(y - s, DIMS).dense()
+    rng = np.random.default_rng(4)
+    gx, gy, gs, r1, r2 = (torch.tensor(rng.standard_normal((B, k)), dtype=torch.float64)
+                          for k in (n, m, m, n, m))
+    for t in (gx, gy, gs, r1, r2):
+        t[~ok] = 0
+    gv = (D @ (gy + gs).unsqueeze(-1)).squeeze(-1) - gs
+    lam = torch.linalg.solve(J.mT, -torch.cat([gx, gv], 1))
+    dz = torch.linalg.solve(J, -torch.cat([r1, r2], 1))
+    dy = (D @ dz[:, n:].unsqueeze(-1)).squeeze(-1)
+    kkt = KKTDifferentiator(program, x, y, s, ok, method)
+    assert kkt.elim is not None and kkt.N == n + m - 2 * (2 if case == "a-zero" else 3)
+    got = (*kkt.adjoint(gx, gy, gs), *kkt.tangent(r1, r2))
+    want = (lam[:, :n], lam[:, n:], dz[:, :n], dy, dy - dz[:, n:])
+    for a, b in zip(got, want):
+        assert torch.allclose(a[ok], b[ok], rtol=0, atol=1e-10 * b.abs().max())
+        assert not a[~ok].any()
+
+
+def test_psd_projection_layer_eliminates_and_matches_finite_differences(monkeypatch):
+    # CVXPY writes ‖X − V‖² with t = X − V: those auxiliaries are eliminated from J.
+    cp = pytest.importorskip("cvxpy")
+    from diffopt import CvxpyLayer
+
+    seen = []
+    init = KKTDifferentiator.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append(self.elim is not None)
+
+    monkeypatch.setattr(KKTDifferentiator, "__init__", spy)
+
+    k = 3
+    X, V = cp.Variable((k, k), symmetric=True), cp.Parameter((k, k), symmetric=True)
+    layer = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(X - V)), [X >> 0]), [V], [X],
+                       solver="clarabel", solver_args={"tol": 1e-11})
+    rng = np.random.default_rng(5)
+    M = rng.standard_normal((k, k))
+    v0 = torch.tensor(M + M.T, dtype=torch.float64, requires_grad=True)
+    (out,) = layer(v0)
+    G = torch.tensor(rng.standard_normal((k, k)), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * G).sum(), v0)
+    H = torch.tensor(rng.standard_normal((k, k)), dtype=torch.float64)
+    H = H + H.T
+    eps = 1e-5
+    with torch.no_grad():
+        fd = ((layer(v0 + eps * H)[0] - layer(v0 - eps * H)[0]) * G).sum() / (2 * eps)
+    assert seen == [True]
+    assert abs(float((grad * H).sum()) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))

@@ -135,8 +135,9 @@ class _Elimination:
             return
         if program.P_pattern is not None:
             pp = program.P_pattern
-            off = np.zeros(n, dtype=bool)
-            off[pp.cols[pp.rows != pp.cols]] = True
+            off = np.zeros(n, dtype=bool)  # variables with an off-diagonal entry in P
+            cross = pp.rows != pp.cols
+            off[pp.rows[cross]] = off[pp.cols[cross]] = True
             single &= ~off[pa.cols]
         j_all, i_all = pa.cols[single], pa.rows[single]
         i_pairs, first = np.unique(i_all, return_index=True)  # one variable per row

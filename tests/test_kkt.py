@@ -20,17 +20,25 @@ def _pattern(mask: np.ndarray) -> SparsePattern:
     return SparsePattern(rows, cols, mask.shape)
 
 
-def _program(B: int, seed: int = 0, density: float = 0.2):
-    """A random batched program and a point (x, y, s) with y = Π(v), s = y − v."""
+def _program(B: int, seed: int = 0, density: float = 0.2, aux: bool = False):
+    """A random batched program and a point (x, y, s) with y = Π(v), s = y − v.
+
+    With ``aux``, the last three variables are auxiliaries as CVXPY makes them (say t = Fx − g
+    for sum_squares): each has one nonzero in A, in zero-cone row 0, 1, 2, and P touches two of
+    them on the diagonal only (the third appears in no quadratic term).
+    """
     rng = np.random.default_rng(seed)
     m = DIMS.size
     a_mask = rng.random((m, N_X)) < density
-    a_mask[np.arange(m), np.arange(m) % N_X] = True  # every row and column touched
-    pa = _pattern(a_mask)
-    p_mask = np.zeros((N_X, N_X), dtype=bool)
-    p_mask[np.arange(N_X), np.arange(N_X)] = True
+    last = np.arange(N_X - 3, N_X)
+    a_mask[np.arange(m), np.arange(m) % (N_X - 3 if aux else N_X)] = True  # rows all touched
+    p_mask = np.eye(N_X, dtype=bool)
     p_mask[0, 1] = p_mask[1, 0] = True
-    pp = _pattern(p_mask)
+    if aux:
+        a_mask[:, last] = False
+        a_mask[[0, 1, 2], last] = True
+        p_mask[N_X - 1, N_X - 1] = False
+    pa, pp = _pattern(a_mask), _pattern(p_mask)
     P = np.zeros((B, N_X, N_X))
     P[:, pp.rows, pp.cols] = rng.uniform(0.5, 1.5, (B, pp.nnz))
     P = P + P.transpose(0, 2, 1)
@@ -116,43 +124,11 @@ def test_auto_picks_sparse_for_a_large_mostly_zero_system():
     assert torch.allclose(dx, torch.full((B, n), 0.5, dtype=f64))
 
 
-def _program_with_aux(B: int, seed: int = 3):
-    """Like _program, but the last three variables are auxiliaries as CVXPY makes them (say
-    t = Fx − g for sum_squares): each has one nonzero in A, in zero-cone row 0, 1, 2, and P
-    touches two of them on the diagonal only (the third appears in no quadratic term)."""
-    rng = np.random.default_rng(seed)
-    m = DIMS.size
-    a_mask = rng.random((m, N_X)) < 0.2
-    a_mask[np.arange(m), np.arange(m) % (N_X - 3)] = True
-    aux = np.arange(N_X - 3, N_X)
-    a_mask[:, aux] = False
-    a_mask[[0, 1, 2], aux] = True
-    pa = _pattern(a_mask)
-    p_mask = np.eye(N_X, dtype=bool)
-    p_mask[0, 1] = p_mask[1, 0] = True
-    p_mask[N_X - 1, N_X - 1] = False
-    pp = _pattern(p_mask)
-    P = np.zeros((B, N_X, N_X))
-    P[:, pp.rows, pp.cols] = rng.uniform(0.5, 1.5, (B, pp.nnz))
-    P = 0.5 * (P + P.transpose(0, 2, 1))
-    f64 = torch.float64
-    program = ConeProgram(
-        pp, torch.tensor(P[:, pp.rows, pp.cols], dtype=f64),
-        torch.tensor(rng.standard_normal((B, N_X)), dtype=f64),
-        pa, torch.tensor(rng.standard_normal((B, pa.nnz)), dtype=f64),
-        torch.tensor(rng.standard_normal((B, m)), dtype=f64), DIMS,
-    )
-    v = torch.tensor(rng.standard_normal((B, m)), dtype=f64)
-    y = proj_dual(v, DIMS)
-    x = torch.tensor(rng.standard_normal((B, N_X)), dtype=f64)
-    return program, x, y, y - v
-
-
 @pytest.mark.parametrize("method", ["dense", "sparse"])
 @pytest.mark.parametrize("case", ["all-ok", "one-failed", "a-zero"])
 def test_eliminating_auxiliary_variables_keeps_the_solutions(method, case):
     B = 4
-    program, x, y, s = _program_with_aux(B)
+    program, x, y, s = _program(B, seed=3, aux=True)
     ok = torch.ones(B, dtype=torch.bool)
     if case == "one-failed":
         ok[1] = False

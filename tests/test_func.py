@@ -160,6 +160,18 @@ def test_socp_jacobian_matches_vjp_jvp_and_finite_differences():
     _check_jacobians(lambda a, t: layer(a, t)[0], (a_val, t_val), TOL_FD_CURVED, eps=1e-6)
 
 
+def test_least_squares_jacobian_through_eliminated_auxiliaries():
+    # sum_squares(Fx − g) gets CVXPY's auxiliaries t = Fx − g, which the derivative eliminates
+    # from J (a dense rank-one update per row of F); jacrev/jacfwd run through that path.
+    gen = torch.Generator().manual_seed(3)
+    F = torch.randn(5, N, generator=gen, dtype=torch.float64).numpy()
+    x, g = cp.Variable(N), cp.Parameter(5)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(F @ x - g)), [x >= -0.2, cp.sum(x) == 0.5])
+    layer = CvxpyLayer(prob, [g], [x], solver="clarabel", solver_args=SOLVERS["clarabel"])
+    g_val = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    _check_jacobians(lambda g: layer(g)[0], (g_val,), TOL_FD)
+
+
 class _Net(torch.nn.Module):
     """A linear map of the features to the cost of a QP, and the QP's solution."""
 

@@ -24,8 +24,9 @@ def _program(B: int, seed: int = 0, density: float = 0.2, aux: bool = False):
     """A random batched program and a point (x, y, s) with y = Π(v), s = y − v.
 
     With ``aux``, the last three variables are auxiliaries as CVXPY makes them (say t = Fx − g
-    for sum_squares): each has one nonzero in A, in zero-cone row 0, 1, 2, and P touches two of
-    them on the diagonal only (the third appears in no quadratic term).
+    for sum_squares with a sparse F): each has one nonzero in A, in zero-cone row 0, 1, 2, whose
+    other nonzeros are two other variables, and P touches two of them on the diagonal only (the
+    third appears in no quadratic term).
     """
     rng = np.random.default_rng(seed)
     m = DIMS.size
@@ -36,7 +37,8 @@ def _program(B: int, seed: int = 0, density: float = 0.2, aux: bool = False):
     p_mask[0, 1] = p_mask[1, 0] = True
     if aux:
         a_mask[:, last] = False
-        a_mask[[0, 1, 2], last] = True
+        a_mask[:3] = False
+        a_mask[[0, 1, 2], last] = a_mask[[0, 1, 2], [0, 1, 2]] = a_mask[[0, 1, 2], [5, 6, 7]] = True
         p_mask[N_X - 1, N_X - 1] = False
     pa, pp = _pattern(a_mask), _pattern(p_mask)
     P = np.zeros((B, N_X, N_X))
@@ -187,3 +189,26 @@ def test_psd_projection_layer_eliminates_and_matches_finite_differences(monkeypa
         fd = ((layer(v0 + eps * H)[0] - layer(v0 - eps * H)[0]) * G).sum() / (2 * eps)
     assert seen == [True]
     assert abs(float((grad * H).sum()) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))
+
+
+def test_auxiliaries_of_dense_rows_are_kept(monkeypatch):
+    # sum_squares(Fx − g) with 5 columns: eliminating t = Fx − g would add the dense normal
+    # equations (25 entries per row for 13 removed), so J keeps them.
+    cp = pytest.importorskip("cvxpy")
+    from diffopt import CvxpyLayer
+
+    seen = []
+    init = KKTDifferentiator.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append((self.elim, self.N, self.n + self.m))
+
+    monkeypatch.setattr(KKTDifferentiator, "__init__", spy)
+    F = np.random.default_rng(6).standard_normal((8, 5))
+    x, g = cp.Variable(5), cp.Parameter(8)
+    layer = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(F @ x - g)), [x >= 0]), [g], [x],
+                       solver="clarabel")
+    g0 = torch.ones(8, dtype=torch.float64, requires_grad=True)
+    layer(g0)[0].sum().backward()
+    assert len(seen) == 1 and seen[0][0] is None and seen[0][1] == seen[0][2]

@@ -154,6 +154,12 @@ class _Elimination:
         a, e = vals[:, a_pos], vals[:, e_pos]
         nonzero = ((a != 0) & (e != 0)) | ~ok.unsqueeze(1)
         usable = (a_pos >= 0) & (e_pos >= 0) & nonzero.all(0).cpu().numpy()
+        # A pair whose row of A has r other nonzeros removes 2r + 3 entries of J and adds up to
+        # r² (u wᵀ): only pairs that do not grow J are taken (r ≤ 3). Dense rows, as in least
+        # squares, would fill J with the normal equations: with a 300 x 60 least-squares
+        # problem, eliminating even 10 of them made the sparse backward 40 % slower.
+        rest = np.bincount(pa.rows, minlength=program.m)[i_pairs] - 1
+        usable &= rest * rest <= 2 * rest + 3
         i_pairs, j_pairs, a_pos, e_pos = (t[usable] for t in (i_pairs, j_pairs, a_pos, e_pos))
         keep = np.ones(N, dtype=bool)
         keep[j_pairs] = keep[n + i_pairs] = False

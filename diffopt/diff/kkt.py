@@ -120,8 +120,9 @@ class _Elimination:
     complement is ``J_rest + p/(e a) · u wᵀ`` (a rank-one update, ``p = 0``: none), a smaller
     system with the same solutions on the other unknowns; the pairs' unknowns follow by back
     substitution, ``z_xj = (r_{n+i} − w·z_rest)/a`` and ``z_vi = (r_j − p z_xj)/e``. The pairs do
-    not interact: each eliminated column has its one nonzero in its own row. The 10x10
-    nearest-correlation SDP: ``n + m`` = 320 -> 120.
+    not interact: each eliminated column has its one nonzero in its own row. Only rows with at
+    most three other nonzeros are taken, so ``J`` does not grow. The 10x10 nearest-correlation
+    SDP: ``n + m`` = 320 -> 120.
     """
 
     def __init__(self, program: ConeProgram, rows: np.ndarray, cols: np.ndarray,

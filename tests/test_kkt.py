@@ -158,19 +158,24 @@ def test_eliminating_auxiliary_variables_keeps_the_solutions(method, case):
         assert not a[~ok].any()
 
 
-def test_psd_projection_layer_eliminates_and_matches_finite_differences(monkeypatch):
-    # CVXPY writes ‖X − V‖² with t = X − V: those auxiliaries are eliminated from J.
-    cp = pytest.importorskip("cvxpy")
-    from diffopt import CvxpyLayer
-
-    seen = []
+@pytest.fixture
+def differentiators(monkeypatch) -> list:
+    """The KKTDifferentiators the layers build during the test, in order."""
+    made = []
     init = KKTDifferentiator.__init__
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        seen.append(self.elim is not None)
+        made.append(self)
 
     monkeypatch.setattr(KKTDifferentiator, "__init__", spy)
+    return made
+
+
+def test_psd_projection_layer_eliminates_and_matches_finite_differences(differentiators):
+    # CVXPY writes ‖X − V‖² with t = X − V: those auxiliaries are eliminated from J.
+    cp = pytest.importorskip("cvxpy")
+    from diffopt import CvxpyLayer
 
     k = 3
     X, V = cp.Variable((k, k), symmetric=True), cp.Parameter((k, k), symmetric=True)
@@ -187,28 +192,20 @@ def test_psd_projection_layer_eliminates_and_matches_finite_differences(monkeypa
     eps = 1e-5
     with torch.no_grad():
         fd = ((layer(v0 + eps * H)[0] - layer(v0 - eps * H)[0]) * G).sum() / (2 * eps)
-    assert seen == [True]
+    assert [d.elim is not None for d in differentiators] == [True]
     assert abs(float((grad * H).sum()) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))
 
 
-def test_auxiliaries_of_dense_rows_are_kept(monkeypatch):
+def test_auxiliaries_of_dense_rows_are_kept(differentiators):
     # sum_squares(Fx − g) with 5 columns: eliminating t = Fx − g would add the dense normal
     # equations (25 entries per row for 13 removed), so J keeps them.
     cp = pytest.importorskip("cvxpy")
     from diffopt import CvxpyLayer
 
-    seen = []
-    init = KKTDifferentiator.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        seen.append((self.elim, self.N, self.n + self.m))
-
-    monkeypatch.setattr(KKTDifferentiator, "__init__", spy)
     F = np.random.default_rng(6).standard_normal((8, 5))
     x, g = cp.Variable(5), cp.Parameter(8)
     layer = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(F @ x - g)), [x >= 0]), [g], [x],
                        solver="clarabel")
     g0 = torch.ones(8, dtype=torch.float64, requires_grad=True)
     layer(g0)[0].sum().backward()
-    assert len(seen) == 1 and seen[0][0] is None and seen[0][1] == seen[0][2]
+    assert [(d.elim, d.N - d.n - d.m) for d in differentiators] == [(None, 0)]

@@ -128,7 +128,7 @@ class _Elimination:
     def __init__(self, program: ConeProgram, rows: np.ndarray, cols: np.ndarray,
                  vals: torch.Tensor, ok: torch.Tensor) -> None:
         n, N = program.n, program.n + program.m
-        self.n, self.found = n, False
+        self.found = False
         pa = program.A_pattern
         count = np.bincount(pa.cols, minlength=n)
         single = (count[pa.cols] == 1) & (pa.rows < program.dims.zero)
@@ -161,7 +161,7 @@ class _Elimination:
         # problem, eliminating even 10 of them made the sparse backward 40 % slower.
         rest = np.bincount(pa.rows, minlength=program.m)[i_pairs] - 1
         usable &= rest * rest <= 2 * rest + 3
-        i_pairs, j_pairs, a_pos, e_pos = (t[usable] for t in (i_pairs, j_pairs, a_pos, e_pos))
+        i_pairs, j_pairs = i_pairs[usable], j_pairs[usable]
         keep = np.ones(N, dtype=bool)
         keep[j_pairs] = keep[n + i_pairs] = False
         if not usable.any() or not keep.any():  # nothing to eliminate, or nothing left
@@ -175,19 +175,19 @@ class _Elimination:
         # u: entries (k, v_i) with k kept; w: entries (n + i, k) with k kept.
         u_sel = np.flatnonzero((pair[cols] >= 0) & keep[rows])
         w_sel = np.flatnonzero((pair[rows] >= 0) & keep[cols])
-        self.u = (new[rows[u_sel]], pair[cols[u_sel]], u_sel)
-        self.w = (new[cols[w_sel]], pair[rows[w_sel]], w_sel)
-        ones = torch.ones_like(a[:, :1])
+        # (index in the reduced system, pair) of each entry, and the entries' values
+        self.u, self.u_vals = (new[rows[u_sel]], pair[cols[u_sel]]), vals[:, u_sel]
+        self.w, self.w_vals = (new[cols[w_sel]], pair[rows[w_sel]]), vals[:, w_sel]
         okc = ok.unsqueeze(1)
-        self.a = torch.where(okc, vals[:, a_pos], ones)
-        self.e = torch.where(okc, vals[:, e_pos], ones)
+        self.a = torch.where(okc, a[:, usable], 1.0)
+        self.e = torch.where(okc, e[:, usable], 1.0)
         p_pos = find(j_pairs, j_pairs)
         self.p = torch.where(torch.as_tensor(p_pos >= 0, device=vals.device), vals[:, p_pos], 0.0)
         coef = self.p / (self.e * self.a)
         # Kept entries, plus p/(e a) u_k w_l at (k, l) for the u and w entries of each pair.
         kept = np.flatnonzero(keep[rows] & keep[cols])
-        uk, up, us = self.u
-        wk, wp, ws = self.w
+        uk, up = self.u
+        wk, wp = self.w
         by_pair = np.argsort(wp, kind="stable")
         starts = np.searchsorted(wp[by_pair], np.arange(j_pairs.size + 1))
         reps = starts[up + 1] - starts[up]  # each u entry meets every w entry of its pair
@@ -197,23 +197,22 @@ class _Elimination:
         r_all = np.concatenate([new[rows[kept]], uk[ui]])
         c_all = np.concatenate([new[cols[kept]], wk[wi]])
         v_all = torch.cat([vals[:, kept],
-                           coef[:, up[ui]] * vals[:, us[ui]] * vals[:, ws[wi]]], 1)
+                           coef[:, up[ui]] * self.u_vals[:, ui] * self.w_vals[:, wi]], 1)
         flat, inverse = np.unique(r_all * self.N + c_all, return_inverse=True)
         self.rows, self.cols = flat // self.N, flat % self.N
         self.vals = v_all.new_zeros(v_all.shape[0], flat.size).index_add_(
             1, torch.as_tensor(inverse, device=v_all.device), v_all)
-        self.u_vals, self.w_vals = vals[:, us], vals[:, ws]
 
     def reduce_rhs(self, r: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """The right-hand side of the reduced system (``Jᵀ``'s when ``adjoint``)."""
-        (k, q, _), v = (self.w, self.w_vals) if adjoint else (self.u, self.u_vals)
+        (k, q), v = (self.w, self.w_vals) if adjoint else (self.u, self.u_vals)
         a, e = (self.e, self.a) if adjoint else (self.a, self.e)
         t = r[:, self.j] / e - self.p / (e * a) * r[:, self.vi]  # (B, pairs)
         return r[:, self.keep].index_add(1, torch.as_tensor(k, device=r.device), -v * t[:, q])
 
     def expand(self, z: torch.Tensor, r: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """The full solution from the reduced one ``z`` and the full right-hand side ``r``."""
-        (k, q, _), v = (self.u, self.u_vals) if adjoint else (self.w, self.w_vals)
+        (k, q), v = (self.u, self.u_vals) if adjoint else (self.w, self.w_vals)
         a, e = (self.e, self.a) if adjoint else (self.a, self.e)
         wz = z.new_zeros(z.shape[0], self.j.size).index_add_(
             1, torch.as_tensor(q, device=z.device), v * z[:, k])
@@ -251,13 +250,11 @@ class KKTDifferentiator:
             raise ValueError(f"unknown KKT method {method!r}; expected 'dense', 'sparse' or 'auto'")
         self.D = dproj_dual(y - s, program.dims)
         rows, cols, vals = kkt_entries(program, self.D)
-        self.elim = _Elimination(program, rows, cols, vals, ok) if eliminate else None
-        if self.elim is not None and not self.elim.found:
-            self.elim = None
-        self.N = N = self.n + self.m
+        elim = _Elimination(program, rows, cols, vals, ok) if eliminate else None
+        self.elim = elim if elim is not None and elim.found else None
         if self.elim is not None:
-            rows, cols, vals, N = self.elim.rows, self.elim.cols, self.elim.vals, self.elim.N
-            self.N = N
+            rows, cols, vals = self.elim.rows, self.elim.cols, self.elim.vals
+        self.N = N = self.n + self.m if self.elim is None else self.elim.N
         if method == "auto":
             sparse = N > DENSE_LIMIT or (N > SPARSE_MIN and rows.size < SPARSE_DENSITY * N * N)
             method = "sparse" if sparse else "dense"

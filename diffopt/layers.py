@@ -27,6 +27,17 @@ def _values(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _check_one_device(named: dict[str, torch.Tensor]) -> None:
+    """Raise an InputError unless every tensor in ``named`` lies on one device."""
+    devices = {name: val.device for name, val in named.items()}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise InputError(
+            f"expected all tensors on one device, received {where}; move them with "
+            ".to(device) first (the layer returns its results on the inputs' device)"
+        )
+
+
 class CvxpyLayer(nn.Module):
     """A parametrized CVXPY problem as a differentiable layer.
 
@@ -145,6 +156,7 @@ class CvxpyLayer(nn.Module):
                     f"{val.dtype}; convert it with .double() or .float()"
                 )
             tensors.append(val)
+        _check_one_device({p.name(): val for p, val in zip(self.parameters_, tensors)})
         dtype = tensors[0].dtype
         for val in tensors[1:]:
             dtype = torch.promote_types(dtype, val.dtype)
@@ -339,6 +351,7 @@ class QPLayer(nn.Module):
                     f"{name}: expected a floating-point torch.Tensor, received "
                     f"{type(val).__name__ if not isinstance(val, torch.Tensor) else val.dtype}"
                 )
+        _check_one_device({name: val for name, val in args.items() if val is not None})
         if q.ndim not in (1, 2):
             raise InputError(f"q: expected shape (n,) or (batch, n), received {tuple(q.shape)}")
         n = q.shape[-1]

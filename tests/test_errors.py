@@ -108,6 +108,14 @@ def test_inconsistent_batch_and_empty_batch(simple):
         layer(torch.zeros(0, 3), torch.tensor(1.0))
 
 
+def test_mixed_devices(simple):
+    """Tensors on two devices (the meta device stands in for a GPU on CPU-only machines)."""
+    prob, z, w, x = simple
+    layer = CvxpyLayer(prob, [z, w], [x])
+    with pytest.raises(InputError, match=r"one device, received param\d+ on cpu, param\d+ on meta"):
+        layer(torch.zeros(3), torch.tensor(1.0, device="meta"))
+
+
 def test_nan_and_inf(simple):
     prob, z, w, x = simple
     layer = CvxpyLayer(prob, [z, w], [x])

@@ -95,3 +95,5 @@ def test_errors():
         layer(P, q, G, h * float("nan"))
     with pytest.raises(InputError, match="expected a floating-point torch.Tensor"):
         layer(P, q.numpy(), G, h)
+    with pytest.raises(InputError, match="one device, received P on meta, q on cpu, G on cpu"):
+        layer(P.to("meta"), q, G, h)

@@ -171,12 +171,23 @@ def test_iteration_limit():
     assert sol.iterations == [2] * 4
 
 
+def test_float32_data_solved_in_float64():
+    data = random_problem(8, 12, 2, 16, seed=4)
+    data32 = [t.float() for t in data]
+    ref = NativeIPM().solve(program(*(t.double() for t in data32), 2, 16), {})
+    sol = NativeIPM().solve(program(*data32, 2, 16), {})
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    assert sol.x.dtype == torch.float64  # the layers cast it back to float32
+    assert rel_err(sol.x, ref.x) <= 1e-12 and rel_err(sol.y, ref.y) <= 1e-12
+
+
 @pytest.mark.parametrize("kkt_dtype", [None, torch.float32], ids=["kkt64", "kkt32"])
-def test_float32(kkt_dtype):
+def test_float32_iterates(kkt_dtype):
     data = random_problem(8, 12, 2, 16, seed=4)
     ref = NativeIPM().solve(program(*data, 2, 16), {})
     data32 = [t.float() for t in data]
-    sol = NativeIPM().solve(program(*data32, 2, 16), {"kkt_dtype": kkt_dtype})
+    sol = NativeIPM().solve(program(*data32, 2, 16),
+                            {"dtype": torch.float32, "kkt_dtype": kkt_dtype})
     assert all(st is Status.OPTIMAL for st in sol.status)
     assert sol.x.dtype == torch.float32
     assert rel_err(sol.x.double(), ref.x) <= TOL_F32

@@ -81,6 +81,25 @@ def test_unbatched_returns_unbatched():
     assert x.shape == (5,)
 
 
+def test_float32_gradients_as_accurate_as_float32_holds():
+    """float32 inputs are solved in float64 by default: the float32 gradient matches the float64
+    gradient of the same (rounded) data, with several constraints active."""
+    rng = np.random.default_rng(7)
+    P, q, G, h, A, b = _qp(rng, B=16, n=20, m=15, p=3)
+    q = 3 * q
+    args32 = [t.float() for t in (P, q, G, h, A, b)]
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        ts = [t.to(dtype).requires_grad_() for t in args32]
+        x = QPLayer()(*ts)
+        assert x.dtype == dtype
+        w = torch.arange(20, dtype=dtype) / 20
+        grads[dtype] = torch.autograd.grad((x * w).sum(), ts)
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        assert g32.dtype == torch.float32
+        assert rel_err(g32.double(), g64) < 1e-6
+
+
 def test_errors():
     rng = np.random.default_rng(4)
     P, q, G, h, A, b = _qp(rng)

@@ -136,7 +136,7 @@ def dense_qp(n: int, m: int, p: int, B: int, seed: int = 0, margin: float = 1e-3
     Qt = torch.tensor(Q, dtype=DTYPE)
 
     def qp_form(q, G, h, A=None, b=None):
-        return dict(P=Qt.to(q.dtype), q=q, G=G, h=h, A=A, b=b)
+        return dict(P=Qt.to(q), q=q, G=G, h=h, A=A, b=b)
 
     return Family(f"qp_n{n}_m{m}_p{p}_B{B}", f"dense QP n={n} m={m} p={p}", prob,
                   params, [x], values, qp_form=qp_form)
@@ -174,7 +174,7 @@ def grid_shortest_path(k: int = 5, B: int = 64, seed: int = 1) -> Family:
     At, bt = torch.tensor(inc, dtype=DTYPE), torch.tensor(rhs, dtype=DTYPE)
 
     def qp_form(c):
-        return dict(P=P, q=c, G=G, h=h, A=At, b=bt)
+        return dict(P=P.to(c), q=c, G=G.to(c), h=h.to(c), A=At.to(c), b=bt.to(c))
 
     return Family(f"shortest_path_{k}x{k}_B{B}", f"{k}x{k} grid shortest path ({E} edges)", prob,
                   [c], [x], [cv], qp_form=qp_form)

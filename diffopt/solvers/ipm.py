@@ -224,14 +224,67 @@ def _inf_norms(v: Tensor) -> Tensor:
     return v.abs().amax(dim=2) if v.shape[2] else v.new_zeros(v.shape[:2])
 
 
-def _log_iteration(phase: str, k: int, live: Tensor, pres: Tensor, dres: Tensor, gap: Tensor,
-                   mu: Tensor, running: Tensor) -> None:
-    """The ``verbose`` line of one iteration: maxima over the items that were running."""
-    if not bool(live.any()):
+def _log_iteration(phase: str, k: int, live: np.ndarray, report: tuple[np.ndarray, ...],
+                   running: np.ndarray) -> None:
+    """The ``verbose`` line of one iteration: maxima over the items that were running of the
+    relative primal and dual residuals, the gap and μ (``report``)."""
+    if not live.any():
         return
-    p, d, g, u = torch.stack((pres, dres, gap, mu))[:, live].amax(1).tolist()
+    p, d, g, u = np.stack(report)[:, live].max(1).tolist()
     print(f"{phase} {k:3d}  pres {p:8.2e}  dres {d:8.2e}  gap {g:8.2e}  mu {u:8.2e}  "
           f"running {int(running.sum())}")
+
+
+def _host(*vectors: Tensor) -> np.ndarray:
+    """``(B,)`` tensors as the rows of one host array (one transfer)."""
+    return torch.stack(vectors).detach().cpu().numpy()
+
+
+# The per-item tests of an iteration run in NumPy on the host, from one transfer of the ``(B,)``
+# quantities they read: they are ~50 operations on short vectors, which cost ~2.5 µs each as torch
+# operations (a quarter of a small LP's solve) and a fraction of that in NumPy.
+@np.errstate(all="ignore")  # τ → 0 and NaN items: their tests are False, and they are caught
+def _hsde_codes(h: np.ndarray, norm_b: np.ndarray, norm_c: np.ndarray, tol: float,
+                tol_inf: float, mu_t: float, l: int) -> tuple[np.ndarray, tuple]:
+    """New state codes of phase 1 from the rows of ``h`` (see ``_solve``), and the verbose
+    report."""
+    n_rz, n_rx, n_Ax, n_s, n_Px, n_Atz, n_Axs, tau, cx, bz, sz, xPx_t, rtau, mu, failed = h
+    # Convergence tests on the normalized point (x, z, s)/τ, and certificate tests.
+    pscale = np.maximum(norm_b * tau, np.maximum(n_Ax, n_s)) + tau
+    dscale = np.maximum(norm_c * tau, np.maximum(n_Px, n_Atz)) + tau
+    # pobj − dobj = (xᵀPx/τ + cᵀx + bᵀz)/τ, relative to max(min(|pobj|, |dobj|), 1).
+    pobj = (0.5 * xPx_t + cx) / tau
+    gap = (xPx_t + cx + bz) / tau
+    rel_gap = np.abs(gap) / np.maximum(np.minimum(np.abs(pobj), np.abs(pobj - gap)), 1.0)
+    if mu_t > 0:
+        # Hand over to the barrier Newton phase near the μ-central path.
+        done = (sz <= (10.0 * mu_t * l) * tau * tau) & (n_rz <= 1e-2 * pscale) & (
+            n_rx <= 1e-2 * dscale)
+        code = np.where(done, _CENTERING, _RUNNING)
+    else:
+        done = (n_rz <= tol * pscale) & (n_rx <= tol * dscale) & (rel_gap <= tol)
+        code = np.where(done, _OPTIMAL, _RUNNING)
+    # Certificates (only for items not done): unbounded, else infeasible.
+    unbounded = (cx < 0) & (np.maximum(n_Px, n_Axs) <= tol_inf * -cx) & ~done
+    infeasible = (bz < 0) & (n_Atz <= tol_inf * -bz) & ~done & ~unbounded
+    code[unbounded] = _UNBOUNDED
+    code[infeasible] = _INFEASIBLE
+    code[~np.isfinite(mu + n_rz + n_rx + rtau) | (failed != 0)] = _NUMERICAL
+    return code, (n_rz / pscale, n_rx / dscale, rel_gap, mu / tau**2)
+
+
+@np.errstate(all="ignore")
+def _path_codes(h: np.ndarray, norm_b: np.ndarray, norm_c: np.ndarray, tol: float,
+                mu_t: float) -> tuple[np.ndarray, tuple]:
+    """New state codes of phase 2 from the rows of ``h`` (see ``_solve``), and the first three
+    columns of the verbose report."""
+    n_r2, n_Ax, n_s, n_rc, n_r1, n_Px, n_Atz, failed = h
+    conv = n_r2 <= tol * (1.0 + np.maximum(norm_b, np.maximum(n_Ax, n_s)))
+    conv &= n_r1 <= tol * (1.0 + np.maximum(norm_c, np.maximum(n_Px, n_Atz)))
+    code = np.where(conv & (n_rc <= tol * mu_t), _OPTIMAL, _RUNNING)
+    code[~np.isfinite(n_r1 + n_r2 + n_rc) | (failed != 0)] = _NUMERICAL
+    return code, (n_r2 / (1.0 + np.maximum(norm_b, n_Ax)),
+                  n_r1 / (1.0 + np.maximum(norm_c, n_Px)), n_rc / mu_t)
 
 
 def _boundary_step(v: Tensor, dv: Tensor) -> Tensor:
@@ -1055,7 +1108,8 @@ class NativeIPM(Backend):
                 _, _, states = _solve(program, opts, quadratic, keep=True)
             T = len(states) - 1
             if last < T:
-                resume = tuple(t.detach() for t in states[T - last])
+                state = states[T - last]
+                resume = (*(t.detach() for t in state[:5]), *state[5:])
                 opts = {**opts, "max_iters": opts["max_iters"] - (T - last),
                         "warm_start": None}
         with torch.enable_grad():
@@ -1065,7 +1119,8 @@ class NativeIPM(Backend):
         return out
 
 
-_State = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# (x, z, s, τ, κ) and the per-item state codes and iteration counts.
+_State = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, np.ndarray, np.ndarray]
 
 
 def _solve(
@@ -1100,7 +1155,7 @@ def _solve(
 
     def kkt_solve(r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
         return kkt.solve(r1, r2, refine, exact=not (kkt.bounds or kkt.dual))
-    norm_b, norm_c = _inf_norm(b), _inf_norm(c)
+    norm_b, norm_c = _host(_inf_norm(b), _inf_norm(c))
 
     def Pmv(v: Tensor) -> Tensor:
         return P.mv(v) if P is not None else torch.zeros_like(v)
@@ -1113,6 +1168,7 @@ def _solve(
     # ---- starting point: K(D = I on inequality rows) [x; z] = [−c; b], then shift into the cone.
     if resume is not None:
         x, z, s, tau, kappa, code, iters = resume
+        iters = iters.copy()
     else:
         kkt.factor(ineq.expand(B, m))
         x, z = kkt_solve(-c.unsqueeze(1), b.unsqueeze(1))
@@ -1136,8 +1192,8 @@ def _solve(
             mu0 = (ws * wy * ineq).sum(1) / max(l, 1)
             kappa = torch.where(ok, torch.clamp(mu0, min=torch.finfo(c.dtype).eps), kappa)
 
-        code = torch.full((B,), _RUNNING, dtype=torch.int64, device=c.device)
-        iters = torch.zeros(B, dtype=torch.int64, device=c.device)
+        code = np.full(B, _RUNNING, dtype=np.int64)
+        iters = np.zeros(B, dtype=np.int64)
     verbose = bool(opts["verbose"])
     if verbose:
         print(f"NativeIPM: {B} problem(s), n={n}, {p} equality and {l} inequality rows; "
@@ -1159,7 +1215,7 @@ def _solve(
         x, z, s = Y[:, :n], Y[:, n:N], Y[:, N:N + m]
         tau, kappa, t1 = Y[:, -2], Y[:, -1], Y[:, -2:-1]
         if keep:
-            states.append((x, z, s, tau, kappa, code, iters.clone()))
+            states.append((x, z, s, tau, kappa, code, iters.copy()))
         Atz, Ax = A.rmv(z), A.mv(x)
         s_z = s * z
         cx, bz, sz = vecdot(c, x), vecdot(b, z), s_z.sum(1)
@@ -1180,42 +1236,21 @@ def _solve(
         n_rz, n_Ax, n_s, n_Axs = _inf_norms(torch.stack((rz, Ax, s, Axs), 1)).unbind(1)
         tk = tau * kappa
         mu = (sz + tk) / (l + 1)
-
-        # Convergence tests on the normalized point (x, z, s)/τ, and certificate tests.
-        pscale = torch.maximum(norm_b * tau, torch.maximum(n_Ax, n_s)) + tau
-        dscale = torch.maximum(norm_c * tau, torch.maximum(n_Px, n_Atz)) + tau
-        # pobj − dobj = (xᵀPx/τ + cᵀx + bᵀz)/τ, relative to max(min(|pobj|, |dobj|), 1).
-        pobj = (0.5 * xPx_t + cx) / tau
-        gap = (xPx_t + cx + bz) / tau
-        rel_gap = gap.abs() / torch.clamp(torch.minimum(pobj.abs(), (pobj - gap).abs()), min=1.0)
-        if mu_t > 0:
-            # Hand over to the barrier Newton phase near the μ-central path.
-            done = ((sz <= (10.0 * mu_t * l) * tau * tau) & (n_rz <= 1e-2 * pscale)
-                    & (n_rx <= 1e-2 * dscale))
-            new_code = done * _CENTERING
-        else:
-            done = (n_rz <= tol * pscale) & (n_rx <= tol * dscale) & (rel_gap <= tol)
-            new_code = done * _OPTIMAL
-        # Certificates (only for items not done): unbounded, else infeasible. The codes are
-        # exclusive, so their sum is the new state (_RUNNING = 0 where none holds).
-        unbounded = (cx < 0) & (torch.maximum(n_Px, n_Axs) <= tol_inf * -cx) & ~done
-        infeasible = (bz < 0) & (n_Atz <= tol_inf * -bz) & ~done & ~unbounded
-        new_code = new_code + unbounded * _UNBOUNDED + infeasible * _INFEASIBLE
-        bad = ~torch.isfinite(mu + n_rz + n_rx + rtau)
-
         zinv = inverse_z(z)
         D = s * zinv
-        bad |= kkt.factor(D)
-        new_code = torch.where(bad, _NUMERICAL, new_code)
+        failed = kkt.factor(D)
+        h = _host(n_rz, n_rx, n_Ax, n_s, n_Px, n_Atz, n_Axs, tau, cx, bz, sz, xPx_t, rtau, mu,
+                  failed.to(tau.dtype))
+        new_code, report = _hsde_codes(h, norm_b, norm_c, tol, tol_inf, mu_t, l)
         live = code == _RUNNING
-        code = torch.where(live, new_code, code)
+        code = np.where(live, new_code, code)
         active = code == _RUNNING
         if verbose:
-            _log_iteration("hsde", k, live, n_rz / pscale, n_rx / dscale, rel_gap, mu / tau**2,
-                           active)
-        if k == max_iters or not bool(active.any()):
+            _log_iteration("hsde", k, live, report, active)
+        if k == max_iters or not active.any():
             break
         iters += active
+        active_t = torch.from_numpy(active).to(c.device)
 
         # Predictor: the affine direction and the shared solve K [x1; z1] = [−c; b].
         r1 = torch.stack((neg_c, -rx), dim=1)
@@ -1267,7 +1302,7 @@ def _solve(
         if U.dtype != c.dtype:
             U = U.to(c.dtype)
         dY, _, _, _, _, ratio = direction(U[:, 0], eta * rtau, d_s_zinv, d_kap)
-        alpha = torch.where(active, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
+        alpha = torch.where(active_t, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
         Y = torch.addcmul(Y, alpha.unsqueeze(1), dY)
 
     x, z, s, tau = Y[:, :n], Y[:, n:N], Y[:, N:N + m], Y[:, -2]
@@ -1277,8 +1312,8 @@ def _solve(
 
     # ---- phase 2 (mu > 0): Newton on [Px + Aᵀy + c; Ax + s − b; s∘y − μ] = 0 from near the path.
     centering = code == _CENTERING
-    if mu_t > 0 and bool(centering.any()):
-        code = torch.where(centering, _RUNNING, code)
+    if mu_t > 0 and centering.any():
+        code = np.where(centering, _RUNNING, code)
         for k in range(max_iters + 1):
             Px, Atz, Ax = Pmv(x), A.rmv(z), A.mv(x)
             r1 = Px + Atz + c
@@ -1286,36 +1321,33 @@ def _solve(
             rc = (s * z - mu_t) * ineq
             n_r2, n_Ax, n_s, n_rc = _inf_norms(torch.stack((r2, Ax, s, rc), 1)).unbind(1)
             n_r1, n_Px, n_Atz = _inf_norms(torch.stack((r1, Px, Atz), 1)).unbind(1)
-            conv = n_r2 <= tol * (1.0 + torch.maximum(norm_b, torch.maximum(n_Ax, n_s)))
-            conv &= n_r1 <= tol * (1.0 + torch.maximum(norm_c, torch.maximum(n_Px, n_Atz)))
-            new_code = torch.where(conv & (n_rc <= tol * mu_t), _OPTIMAL, _RUNNING)
-            new_code = torch.where(torch.isfinite(n_r1 + n_r2 + n_rc), new_code, _NUMERICAL)
             zinv = inverse_z(z)
             D = s * zinv
-            new_code = torch.where(kkt.factor(D), _NUMERICAL, new_code)
+            failed = kkt.factor(D)
+            h = _host(n_r2, n_Ax, n_s, n_rc, n_r1, n_Px, n_Atz, failed.to(n_r1.dtype))
+            new_code, report = _path_codes(h, norm_b, norm_c, tol, mu_t)
             live = code == _RUNNING
-            code = torch.where(live, new_code.to(code.dtype), code)
+            code = np.where(live, new_code, code)
             active = code == _RUNNING
-            if verbose:
-                gap_c = _bdot(s, z * ineq) / l
-                _log_iteration("path", k, live, n_r2 / (1.0 + torch.maximum(norm_b, n_Ax)),
-                               n_r1 / (1.0 + torch.maximum(norm_c, n_Px)), n_rc / mu_t, gap_c,
+            if verbose:  # the μ column: the mean s∘y of the inequality rows
+                _log_iteration("path", k, live, (*report, _host(_bdot(s, z * ineq))[0] / l),
                                active)
-            if k == max_iters or not bool(active.any()):
+            if k == max_iters or not active.any():
                 break
             iters += active
+            active_t = torch.from_numpy(active).to(c.device)
             # y∘ds + s∘dy = −rc gives ds = −rc/y − D dy, so K [dx; dy] = [−r1; rc/y − r2].
             u1, u2 = kkt_solve((-r1).unsqueeze(1), (rc * zinv - r2).unsqueeze(1))
             dx, dz = u1.squeeze(1), u2.squeeze(1)
             ds = -(rc * zinv + D * dz)
             ratio = _boundary_step(torch.cat((s[:, p:], z[:, p:]), 1),
                                    torch.cat((ds[:, p:], dz[:, p:]), 1))
-            alpha = torch.where(active, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
+            alpha = torch.where(active_t, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
             a1 = alpha.unsqueeze(1)
             x, z, s = torch.addcmul(x, a1, dx), torch.addcmul(z, a1, dz), torch.addcmul(s, a1, ds)
 
     # ---- diagnostics, computed once, and NaN rows for the items without a solution.
-    ok = (code == _OPTIMAL).unsqueeze(1)
+    ok = torch.from_numpy(code == _OPTIMAL).to(c.device).unsqueeze(1)
     nan = torch.full_like
     x = torch.where(ok, x, nan(x, math.nan))
     z = torch.where(ok, z, nan(z, math.nan))

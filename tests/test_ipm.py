@@ -352,6 +352,8 @@ def test_unknown_option_is_refused():
         NativeIPM().solve(program(*data, 0, 4), {"warm_start": 3})
     with pytest.raises(ValueError, match="kkt_dtype"):
         NativeIPM().solve(program(*data, 0, 4), {"kkt_dtype": torch.int64})
+    with pytest.raises(ValueError, match="option 'dtype' must be torch.float32 or torch.float64"):
+        NativeIPM().solve(program(*data, 0, 4), {"dtype": "float32"})
 
 
 def test_unsupported_cone_is_refused():

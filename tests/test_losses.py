@@ -58,6 +58,23 @@ def test_perturbed_fenchel_young_gradient_and_seed(data):
     assert float(loss.detach()) >= 0
 
 
+def test_perturbed_fenchel_young_unseeded_follows_manual_seed(data):
+    """seed=None: fresh draws each call, reproducible under torch.manual_seed, and the global
+    generator is advanced, never reseeded (later draws of the caller stay reproducible)."""
+    _, c_hat, x, _ = data
+
+    def run():
+        torch.manual_seed(5)
+        a = perturbed_fenchel_young(c_hat, x, argmin_vertex, sigma=0.5, samples=8)
+        b = perturbed_fenchel_young(c_hat, x, argmin_vertex, sigma=0.5, samples=8)
+        return a, b, torch.rand(3)
+
+    a1, b1, r1 = run()
+    a2, b2, r2 = run()
+    assert torch.equal(a1, a2) and torch.equal(b1, b2) and torch.equal(r1, r2)
+    assert not torch.equal(a1, b1)
+
+
 def test_regret_and_normalized_regret(data):
     c, c_hat, x, z = data
     r = regret(c_hat, c, z, argmin_vertex)

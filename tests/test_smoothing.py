@@ -105,6 +105,17 @@ def test_perturbed_is_reproducible_under_a_seed():
     xb = layer(c, gradient=Perturbed(0.5, 16, seed=3))[0]
     assert torch.equal(xa, xb)
     assert torch.allclose(xa.sum(), torch.tensor(1.0, dtype=torch.float64))  # mean of vertices
+    # Unseeded: fresh perturbations, reproducible under torch.manual_seed, which they advance
+    # but never reseed (the caller's later draws stay reproducible).
+    def unseeded():
+        torch.manual_seed(5)
+        first, second = (layer(c, gradient=Perturbed(0.5, 16))[0] for _ in range(2))
+        return first, second, torch.rand(3)
+
+    u1, v1, r1 = unseeded()
+    u2, v2, r2 = unseeded()
+    assert torch.equal(u1, u2) and torch.equal(v1, v2) and torch.equal(r1, r2)
+    assert not torch.equal(u1, v1)
 
 
 def test_logbarrier_rejects_conic_problems_and_bad_parameters():

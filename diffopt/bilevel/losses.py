@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from diffopt._random import gaussian
 from diffopt.errors import InputError
 
 Oracle = Callable[[torch.Tensor], torch.Tensor]
@@ -94,9 +95,7 @@ class _PerturbedFY(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, sol, oracle, sigma, samples, seed):
         B, n = pred.shape
-        gen = torch.Generator(device=pred.device)
-        gen.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
-        Z = torch.randn(samples, B, n, generator=gen, dtype=pred.dtype, device=pred.device)
+        Z = gaussian((samples, B, n), seed, pred)
         costs = pred.unsqueeze(0) + sigma * Z
         xs = _solve(oracle, costs.reshape(samples * B, n)).reshape(samples, B, n)
         x_bar = xs.mean(0)
@@ -129,7 +128,8 @@ def perturbed_fenchel_young(pred_cost, true_sol, oracle: Oracle, sigma: float = 
         oracle: LP solver, costs -> minimizers.
         sigma: perturbation scale.
         samples: Monte-Carlo samples per item.
-        seed: seed of the perturbations (None: fresh each call).
+        seed: seed of the perturbations (None: drawn from torch's default generator, fresh
+            each call and reproducible under ``torch.manual_seed``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
     Examples:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffopt._random import gaussian
 from diffopt.errors import InputError, ProblemError
 from diffopt.solve import _Call, cone_solve
 from diffopt.solvers.base import SparsePattern
@@ -179,10 +180,8 @@ class _PerturbedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c, P_values, A_values, b, mode, call):
         B, n = c.shape
-        gen = torch.Generator(device=c.device)
-        gen.manual_seed(mode.seed if mode.seed is not None else int(torch.seed() % 2**63))
         half = (mode.samples + 1) // 2 if mode.antithetic else mode.samples
-        Z = torch.randn(half, B, n, generator=gen, dtype=c.dtype, device=c.device)
+        Z = gaussian((half, B, n), mode.seed, c)
         if mode.antithetic:
             Z = torch.cat([Z, -Z])[: mode.samples]
         M = Z.shape[0]
@@ -216,7 +215,8 @@ class Perturbed(GradientMode):
     Args:
         sigma: perturbation scale ``σ > 0``.
         samples: Monte-Carlo samples per item.
-        seed: seed of the perturbations (reproducible estimates); None draws a fresh seed.
+        seed: seed of the perturbations (reproducible estimates); None draws them from torch's
+            default generator (fresh each call, reproducible under ``torch.manual_seed``).
         antithetic: use pairs ``±Z`` (lower variance, same cost).
 
     Examples:

@@ -123,6 +123,13 @@ def test_shortest_path_main_job(tmp_path):
         assert finite(mean) and 0.0 <= mean < 100.0
         assert saved[method]["2"]["mean"] == mean
     assert (tmp_path / "r.png").stat().st_size > 0
+    # each method trains with its own learning rate, unless --lr sets one for all
+    assert saved["spo+"]["2"]["lr"] == sp.LEARNING_RATES["spo+"]
+    assert saved["log-barrier"]["2"]["lr"] == sp.LEARNING_RATES["log-barrier"]
+    assert saved["two-stage-ls"]["2"]["lr"] is None
+    one_lr = sp.main([*common, "--lr", "0.2"])
+    assert one_lr["spo+"][2]["lr"] == one_lr["log-barrier"][2]["lr"] == 0.2
+    assert one_lr["spo+"][2]["mean"] != table["spo+"][2]["mean"]
     held_out = sp.main([*common, "--validation", "32"])
     assert held_out["two-stage-ls"][2]["mean"] != table["two-stage-ls"][2]["mean"]
     with pytest.raises(SystemExit):

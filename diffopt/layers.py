@@ -14,17 +14,7 @@ from diffopt.cones import ConeDims
 from diffopt.diff.smoothing import GradientMode, as_mode
 from diffopt.errors import InputError, ProblemError
 from diffopt.solve import SolveInfo, add_cols, make_call, select_backend, take_cols
-from diffopt.solvers.base import SparsePattern
-
-
-@torch.compiler.disable  # opaque to dynamo (a graph break, as any check of data is)
-def _values(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s values for the input checks; inside torch.func transforms, the tensor underneath,
-    with every vmapped slice (a Python ``bool`` of a vmapped tensor is not defined)."""
-    t = t.detach()
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t
+from diffopt.solvers.base import SparsePattern, plain
 
 
 def _check_one_device(named: dict[str, torch.Tensor]) -> None:
@@ -184,9 +174,9 @@ class CvxpyLayer(nn.Module):
         out = []
         for p, val in zip(self.parameters_, tensors):
             val = val.to(dtype)
-            if not torch.isfinite(_values(val)).all():
+            if not torch.isfinite(plain(val)).all():
                 raise InputError(f"parameter {p.name()!r} contains NaN or Inf values")
-            self._check_attributes(p, _values(val))
+            self._check_attributes(p, plain(val))
             if val.ndim == p.ndim:
                 val = val.unsqueeze(0).expand(B, *p.shape)
             out.append(val)
@@ -373,7 +363,7 @@ class QPLayer(nn.Module):
                     f"{name}: expected shape {shape} or (batch, *{shape}) for n={n}, m={m}, p={p}, "
                     f"received {tuple(val.shape)}"
                 )
-            if not torch.isfinite(_values(val)).all():
+            if not torch.isfinite(plain(val)).all():
                 raise InputError(f"{name} contains NaN or Inf values")
             dtype = torch.promote_types(dtype, val.dtype)
         if len(sizes) > 1:

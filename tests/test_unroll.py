@@ -146,3 +146,17 @@ def test_other_cones_are_refused():
     layer = CvxpyLayer(prob, parameters=[c], variables=[x], gradient=UnrolledIPM())
     with pytest.raises(ProblemError, match="UnrolledIPM needs the native LP/QP solver"):
         layer(torch.ones(3, dtype=torch.float64))
+
+
+def test_torch_func_jacobians_through_the_iterations():
+    """jacrev and jacfwd differentiate the recorded iterations (the host reads of the loop see
+    through the transforms) and agree with the implicit Jacobian at a strictly complementary
+    solution; vmap, whose loop cannot stop per item, is refused with a clear error."""
+    P, q, G, h, A, b = (t[0] for t in strict_qp(B=1))
+    layer = QPLayer(gradient=UnrolledIPM())
+    exact = torch.func.jacrev(lambda v: QPLayer()(P, v, G, h, A, b))(q)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        J = jac(lambda v: layer(P, v, G, h, A, b))(q)
+        assert torch.linalg.norm(J - exact) <= TOL_CONVERGED * torch.linalg.norm(exact)
+    with pytest.raises(InputError, match="cannot run under torch.func.vmap"):
+        torch.func.vmap(lambda v: layer(P, v, G, h, A, b))(q.expand(3, -1))

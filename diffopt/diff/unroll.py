@@ -23,6 +23,15 @@ from diffopt.solve import _Call, cone_solve
 from diffopt.solvers.base import Backend, ConeProgram, Solution
 
 
+def _vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by a torch.func.vmap at some level."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
+
+
 class _Solved(Backend):
     """A backend that returns a solution computed beforehand (for cone_solve's bookkeeping)."""
 
@@ -58,7 +67,9 @@ class UnrolledIPM(GradientMode):
 
     Needs the native solver, so only zero and nonnegative cones (LPs, QPs). Solver options in
     ``solver_args`` (``tol``, ``max_iters``, ``mu``, ...) apply; with ``mu > 0`` the centering
-    phase is always recorded.
+    phase is always recorded. ``torch.func.jacrev``, ``jacfwd`` and ``grad`` differentiate the
+    recorded iterations too; ``torch.func.vmap`` is refused (the loop stops per item; batch the
+    inputs along the layer's own leading dimension instead).
 
     Args:
         k: number of final iterations to differentiate through (``None``: all of them).
@@ -89,6 +100,13 @@ class UnrolledIPM(GradientMode):
     def solve(self, P_values, c, A_values, b, call: _Call):
         from diffopt.solvers.ipm import NativeIPM
 
+        if any(_vmapped(t) for t in (P_values, c, A_values, b) if t is not None):
+            raise InputError(
+                "UnrolledIPM cannot run under torch.func.vmap: the iterations stop per item, "
+                "which a vmapped loop cannot do. Pass the batch along the layer's own leading "
+                "dimension instead (one solve), or use Exact(), whose solve vmap maps onto it; "
+                "jacrev and jacfwd work with UnrolledIPM."
+            )
         native = NativeIPM()
         why = native.supports(call.dims, call.P_pattern is not None)
         if why is not None:

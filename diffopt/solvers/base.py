@@ -352,6 +352,24 @@ class _Batch:
         return self.P_layout.matrix(self.P_values[i])
 
 
+@torch.compiler.disable  # opaque to dynamo (a graph break, as any read of data is)
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values, detached and outside any torch.func transform (the tensor underneath a
+    grad/jvp/vmap wrapper, with every vmapped slice), for reads on the host: ``.numpy()`` and
+    ``.tolist()`` need storage, which wrapped tensors do not have."""
+    t = t.detach()
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """``t``'s values as a NumPy array on the host, also inside torch.func transforms (where
+    ``.numpy()`` of even the unwrapped tensor needs the transforms disabled)."""
+    with torch._C._DisableFuncTorch():
+        return plain(t).cpu().numpy()
+
+
 @functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
     """A pool of ``workers`` threads kept for the life of the process: starting threads on every

@@ -95,6 +95,8 @@ from diffopt.solvers.base import (
     Status,
     one_torch_thread,
     parallel_map,
+    plain,
+    to_numpy,
 )
 
 __all__ = ["NativeIPM"]
@@ -237,7 +239,7 @@ def _log_iteration(phase: str, k: int, live: np.ndarray, report: tuple[np.ndarra
 
 def _host(*vectors: Tensor) -> np.ndarray:
     """``(B,)`` tensors as the rows of one host array (one transfer)."""
-    return torch.stack(vectors).detach().cpu().numpy()
+    return to_numpy(torch.stack(vectors))
 
 
 # The per-item tests of an iteration run in NumPy on the host, from one transfer of the ``(B,)``
@@ -387,7 +389,7 @@ class _Gram:
         nz = A.M != 0
         if not A.shared:
             nz = nz.any(0)
-        rows, cols = (t.cpu().numpy() for t in torch.nonzero(nz, as_tuple=True))
+        rows, cols = (to_numpy(t) for t in torch.nonzero(plain(nz), as_tuple=True))
         counts = np.bincount(rows, minlength=m)
         self.sparse = int((counts * counts).sum()) * 8 <= m * n * n
         if not self.sparse:

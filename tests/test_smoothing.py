@@ -134,3 +134,16 @@ def test_logbarrier_rejects_conic_problems_and_bad_parameters():
         LPGD(0.0)
     with pytest.raises(InputError, match="gradient must be a diffopt.diff GradientMode"):
         simplex_lp()(torch.ones(3, dtype=torch.float64), gradient="smooth")
+
+
+@pytest.mark.parametrize("mode", [Perturbed(0.5, 8, seed=0), LPGD(1.0)], ids=["perturbed", "lpgd"])
+def test_estimators_refuse_torch_func_clearly(mode):
+    layer = simplex_lp()
+    c = torch.tensor([0.0, 0.2, 0.1], dtype=torch.float64)
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        with pytest.raises(InputError, match="cannot run under torch.func transforms"):
+            transform(lambda v: layer(v, gradient=mode)[0])(c)
+    # plain autograd still works
+    v = c.clone().requires_grad_()
+    layer(v, gradient=mode)[0].sum().backward()
+    assert v.grad is not None

@@ -172,6 +172,16 @@ def _plain_solve(P_values, c, A_values, b, call):
         return cone_solve(P_values, c, A_values, b, call)
 
 
+def _refuse_torch_func(name: str, *tensors) -> None:
+    """A clear error for the modes whose estimators torch.func cannot transform."""
+    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        raise InputError(
+            f"{name} cannot run under torch.func transforms (grad, jacrev, jacfwd, vmap): its "
+            "backward is a Monte-Carlo or re-solve estimator, not a function torch.func can "
+            "transform. Differentiate with loss.backward() or torch.autograd.grad instead."
+        )
+
+
 def _expand(t, M):
     return None if t is None else t.repeat(M, *([1] * (t.ndim - 1)))
 
@@ -246,6 +256,7 @@ class Perturbed(GradientMode):
             raise InputError(f"Perturbed: samples must be an int >= 1, received {self.samples!r}")
 
     def solve(self, P_values, c, A_values, b, call):
+        _refuse_torch_func("Perturbed", P_values, c, A_values, b)
         return _PerturbedFn.apply(c, P_values, A_values, b, self, call)
 
 
@@ -324,6 +335,7 @@ class LPGD(GradientMode):
             raise InputError(f"LPGD: rho must be >= 0, received {self.rho!r}")
 
     def solve(self, P_values, c, A_values, b, call):
+        _refuse_torch_func("LPGD", P_values, c, A_values, b)
         return _LPGDFn.apply(c, P_values, A_values, b, self, call)
 
 

@@ -95,7 +95,6 @@ from diffopt.solvers.base import (
     Status,
     one_torch_thread,
     parallel_map,
-    plain,
     to_numpy,
 )
 
@@ -389,7 +388,7 @@ class _Gram:
         nz = A.M != 0
         if not A.shared:
             nz = nz.any(0)
-        rows, cols = (to_numpy(t) for t in torch.nonzero(plain(nz), as_tuple=True))
+        rows, cols = np.nonzero(to_numpy(nz))
         counts = np.bincount(rows, minlength=m)
         self.sparse = int((counts * counts).sum()) * 8 <= m * n * n
         if not self.sparse:

@@ -621,17 +621,10 @@ def test_ill_conditioned_P_keeps_the_general_form():
     assert rel_err(sol.s, s) <= TOL_REF
 
 
-@pytest.mark.parametrize("tol", [None, 1e-12])
-@pytest.mark.parametrize("smoothing", [1.0, None], ids=["qptl", "lp"])
-def test_bounds_form_converges_on_paths(tol, smoothing):
-    # Regression: QuadraticSmoothing(1) of the 5x5 shortest-path LP (min cᵀx + ½‖x‖², flow
-    # conservation, 0 ≤ x ≤ 1) with costs like a model's predictions in training. With δ = 1e-12
-    # in the bounds form this batch took 93 iterations (others in training > 100); the form's
-    # δ = 1e-9 keeps it at the usual count. At tol = 1e-12 the unrefined δ = 1e-9 stalled too
-    # (7 QPTL items of this batch); there the solver takes δ = 1e-7 with refinement. The LP
-    # itself (every arc bounded) gets the same treatment.
+def grid_path_layer(solver: str = "auto"):
+    """CvxpyLayer of the 5x5 shortest-path LP in the cost (flow conservation, 0 ≤ x ≤ 1)."""
     cp = pytest.importorskip("cvxpy")
-    from diffopt import CvxpyLayer, QuadraticSmoothing
+    from diffopt import CvxpyLayer
 
     k = 5
     arcs = []
@@ -645,13 +638,50 @@ def test_bounds_form_converges_on_paths(tol, smoothing):
     supply[0] = 1.0
     x, cost = cp.Variable(len(arcs)), cp.Parameter(len(arcs))
     problem = cp.Problem(cp.Minimize(cost @ x), [inc[:-1] @ x == supply, x >= 0, x <= 1])
-    layer = CvxpyLayer(problem, parameters=[cost], variables=[x])
+    return CvxpyLayer(problem, parameters=[cost], variables=[x], solver=solver)
+
+
+@pytest.mark.parametrize("tol", [None, 1e-12])
+@pytest.mark.parametrize("smoothing", [1.0, None], ids=["qptl", "lp"])
+def test_bounds_form_converges_on_paths(tol, smoothing):
+    # Regression: QuadraticSmoothing(1) of the 5x5 shortest-path LP (min cᵀx + ½‖x‖², flow
+    # conservation, 0 ≤ x ≤ 1) with costs like a model's predictions in training. With δ = 1e-12
+    # in the bounds form this batch took 93 iterations (others in training > 100); the form's
+    # δ = 1e-9 keeps it at the usual count. At tol = 1e-12 the unrefined δ = 1e-9 stalled too
+    # (7 QPTL items of this batch); there the solver takes δ = 1e-7 with refinement. The LP
+    # itself (every arc bounded) gets the same treatment.
+    from diffopt import QuadraticSmoothing
+
+    layer = grid_path_layer()
     g = torch.Generator().manual_seed(5)
-    c = 0.8 * torch.randn(64, len(arcs), generator=g, dtype=torch.float64)
+    c = 0.8 * torch.randn(64, 40, generator=g, dtype=torch.float64)
     gradient = None if smoothing is None else QuadraticSmoothing(smoothing)
     layer(c, gradient=gradient, solver_args={"tol": tol, "on_failure": "nan"})
     assert all(st is Status.OPTIMAL for st in layer.info.status)
     assert max(layer.info.iterations) <= 25
+
+
+@pytest.mark.parametrize("kind", ["integer", "near-tie"])
+def test_bounds_form_solves_degenerate_paths(kind):
+    # Regression: with costs that tie, the optimal face has arcs strictly between their bounds,
+    # the bounds form's G_jj fall to ~δ and the unrefined iterations stalled (integer costs in
+    # {0, 1, 2}: 11 of these 128 items at max_iters; costs 1 + 1e-7·N(0, 1): 2, and with
+    # δ = 1e-7 and refinement from δ alone 18 NUMERICAL_ERROR and 2 at max_iters).
+    # Weak factorizations are refined against the exact K (see _WEAK_PIVOT).
+    layer = grid_path_layer()
+    g = torch.Generator().manual_seed(7)
+    if kind == "integer":
+        c = torch.randint(0, 3, (128, 40), generator=g).double()
+    else:
+        c = 1.0 + 1e-7 * torch.randn(128, 40, generator=g, dtype=torch.float64)
+    options = [{}] if kind == "integer" else [{}, {"reg": 1e-7}]
+    for opts in options:
+        (x,) = layer(c, solver_args={**opts, "on_failure": "nan"})
+        assert all(st is Status.OPTIMAL for st in layer.info.status), opts
+        assert max(layer.info.iterations) <= 12, opts
+    (ref,) = grid_path_layer(solver="clarabel")(c, solver_args={"tol_gap_rel": 1e-12})
+    obj, obj_ref = (c * x).sum(1), (c * ref).sum(1)
+    assert float((obj - obj_ref).abs().max()) <= 1e-8 * float(obj_ref.abs().max())
 
 
 # ---------------------------------------------------------------------------------------------

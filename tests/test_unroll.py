@@ -104,8 +104,10 @@ def test_values_and_info_match_the_native_solve(setup):
     layer = QPLayer(duals=True)
     ref = layer(*data)
     out = layer(*data, gradient=UnrolledIPM(3))
+    # Both stop at the default tolerance 1e-9 (relative), by different iterations: the unrolled
+    # solve keeps its step fraction fixed.
     for a, b in zip(out, ref):
-        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+        assert torch.allclose(a, b, rtol=0, atol=1e-8)
     assert layer.info is not None and all(layer.info.ok)
     assert max(layer.info.primal_residual) <= 1e-8
 

@@ -145,6 +145,20 @@ _TAU_REG = {torch.float64: 1e-12, torch.float32: 0.0}
 # form of the KKT solves.
 _DUAL_COND = 1e-6
 _SNAP_STEPS = 4  # preconditioned refinement steps of the exact derivative before the dense LU
+# A factorization of the bounds form is weak when some item's G = P + δ + A_Iᵀ W A_I has a
+# diagonal entry below _WEAK_PIVOT δ: a variable with neither a quadratic term nor an active bound,
+# as on the optimal face of a degenerate LP (ties). K_δ is then far from K in that variable (G_jj
+# ~ μ ≪ δ), each refinement step recovers little of the difference, and the iterations' solves
+# get _WEAK_REFINE steps against the exact K. 5x5 shortest-path LPs, 20 batches of 64 per cost
+# kind: with integer costs in {0, 1, 2}, 58 of 1280 items stalled at max_iters with no
+# refinement (small δ) and 1-7 with one step; costs 1 + 1e-7·N(0, 1) failed with δ = 1e-7. With
+# 4 steps, none, in at most 8 iterations (3: 8, 6: 7). Well-posed items stay above ~1e7 δ.
+_WEAK_PIVOT = 1e4
+_WEAK_REFINE = 4
+# Smallest 1 − (step fraction) near the solution (see step_fraction in _solve): closer to the
+# boundary, the next factorization was too ill-conditioned (an integer-cost item at relative
+# error 3e-9 stepped to 1 − 3e-9 of the boundary, then took 22 more iterations).
+_STEP_GAP_MIN = 1e-6
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary taken by a combined step
 _WARM_SHIFT = 1e-3  # distance from the boundary of a warm-started point (relative)
 
@@ -477,6 +491,7 @@ class _KKT:
         self.B, self.n, self.p, self.reg = B, n, p, reg
         self.D = A.M.new_zeros(B, m, dtype=dtype)
         self.w = self.D
+        self.weak = torch.zeros(B, dtype=torch.bool, device=A.M.device)  # see _WEAK_PIVOT
         # small_reg: the dual form, and the bounds form with a positive diagonal P or a bound on
         # every variable, take their smaller δ (_DUAL_REG, _BOUNDS_REG), with which the
         # iteration solves need no refinement (``unrefined``, set by the form).
@@ -561,13 +576,19 @@ class _KKT:
         return True
 
     def factor(self, D: Tensor) -> Tensor:
-        """Factor at the diagonal ``D`` (``(B, m)``, zero on equality rows); return failures."""
+        """Factor at the diagonal ``D`` (``(B, m)``, zero on equality rows); return failures.
+
+        Also sets ``weak``, the items whose factorization needs refinement against the exact
+        ``K`` (see ``_WEAK_PIVOT``; bounds form only).
+        """
         self.D = D = D.to(self.dtype)
         self.w = (D + self.reg).reciprocal()
         if self.bounds:
             p = self.p
             wI = self.w[:, p:]
-            ginv = 1.0 / self.gbase.index_add(1, self.col, wI * self.a2)
+            G = self.gbase.index_add(1, self.col, wI * self.a2)
+            self.weak = G.amin(1) < _WEAK_PIVOT * self.reg
+            ginv = 1.0 / G
             # Broadcast over stacks of right-hand sides: (B, 1, ·).
             self.wI, self.waI, self.ginv = wI.unsqueeze(1), (wI.unsqueeze(1) * self.aI), \
                 ginv.unsqueeze(1)
@@ -1107,7 +1128,7 @@ class NativeIPM(Backend):
         resume = None
         if last is not None:
             with torch.no_grad():
-                _, _, states = _solve(program, opts, quadratic, keep=True)
+                _, _, states = _solve(program, opts, quadratic, keep=True, unrolled=True)
             T = len(states) - 1
             if last < T:
                 state = states[T - last]
@@ -1115,7 +1136,7 @@ class NativeIPM(Backend):
                 opts = {**opts, "max_iters": opts["max_iters"] - (T - last),
                         "warm_start": None}
         with torch.enable_grad():
-            out, _, _ = _solve(program, opts, quadratic, resume=resume)
+            out, _, _ = _solve(program, opts, quadratic, resume=resume, unrolled=True)
         elapsed = (time.perf_counter() - start) / max(program.batch_size, 1)
         out.solve_time = [elapsed] * program.batch_size
         return out
@@ -1127,13 +1148,14 @@ _State = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, np.ndarray, np.ndarray]
 
 def _solve(
     program: ConeProgram, opts: dict[str, Any], has_P: bool, keep: bool = False,
-    resume: _State | None = None,
+    resume: _State | None = None, unrolled: bool = False,
 ) -> tuple[Solution, _KKT, list[_State]]:
     """The two-phase loop: HSDE predictor-corrector, then (for ``mu > 0``) barrier Newton.
 
     Records a graph when called with gradients enabled. ``keep`` returns the phase-1 state
     ``(x, z, s, τ, κ, code, iters)`` at the start of every iteration; ``resume`` starts from
-    one of them instead of the starting point.
+    one of them instead of the starting point. ``unrolled`` (solves whose iterations are
+    differentiated) keeps the step fraction fixed.
     """
     c, b = program.c, program.b
     A = _Matrix.from_pattern(program.A_values, program.A_pattern)
@@ -1155,8 +1177,14 @@ def _solve(
     if refine is None:
         refine = 0 if kkt.unrefined else opts["refine"]
 
-    def kkt_solve(r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
-        return kkt.solve(r1, r2, refine, exact=not (kkt.bounds or kkt.dual))
+    def solve_mode(weak: bool) -> tuple[int, bool]:
+        # Refinement steps of a solve, and whether their residuals are computed from the data.
+        if weak:
+            return max(refine, _WEAK_REFINE), True
+        return refine, not (kkt.bounds or kkt.dual)
+
+    def kkt_solve(r1: Tensor, r2: Tensor, weak: bool = False) -> tuple[Tensor, Tensor]:
+        return kkt.solve(r1, r2, *solve_mode(weak))
     norm_b, norm_c = _host(_inf_norm(b), _inf_norm(c))
 
     def Pmv(v: Tensor) -> Tensor:
@@ -1201,6 +1229,19 @@ def _solve(
         print(f"NativeIPM: {B} problem(s), n={n}, {p} equality and {l} inequality rows; "
               "columns: maxima over the running items of the relative residuals and gap")
 
+    def step_fraction(report: tuple[np.ndarray, ...]) -> np.ndarray | float:
+        # Fraction of the distance to the boundary taken per item: 0.99 far from the solution
+        # and 1 − err near it (err: the largest relative residual or gap), so that the final
+        # steps are not held to a 100-fold reduction each (the B = 32 shortest-path LP took 8-9
+        # iterations, now 6-7). Not toward the central path (μ > 0); not in float32, where
+        # iterates that close to the boundary made the float32 factorization fail; not when the
+        # iterations are differentiated: a step that stops just short of the boundary (instead
+        # of a full step, α = 1) depends on the data, and its derivative ruined that of
+        # truncated unrolls (UnrolledIPM(k): 47 % error for k = 1 and 2 on a QP).
+        if mu_t > 0 or c.dtype != torch.float64 or unrolled:
+            return _STEP_FRACTION
+        return 1.0 - np.clip(np.maximum.reduce(report[:3]), _STEP_GAP_MIN, 1.0 - _STEP_FRACTION)
+
     # ---- phase 1: Mehrotra predictor-corrector on the homogeneous embedding.
     # s is zero on equality rows throughout (so are zinv, D and every ds), so products with s
     # need no mask. The iterate is packed in one tensor Y = [x, z, s, τ, κ] so that a step is
@@ -1242,8 +1283,8 @@ def _solve(
         D = s * zinv
         failed = kkt.factor(D)
         h = _host(n_rz, n_rx, n_Ax, n_s, n_Px, n_Atz, n_Axs, tau, cx, bz, sz, xPx_t, rtau, mu,
-                  failed.to(tau.dtype))
-        new_code, report = _hsde_codes(h, norm_b, norm_c, tol, tol_inf, mu_t, l)
+                  failed.to(tau.dtype), kkt.weak.to(tau.dtype))
+        new_code, report = _hsde_codes(h[:-1], norm_b, norm_c, tol, tol_inf, mu_t, l)
         live = code == _RUNNING
         code = np.where(live, new_code, code)
         active = code == _RUNNING
@@ -1252,12 +1293,14 @@ def _solve(
         if k == max_iters or not active.any():
             break
         iters += active
-        active_t = torch.from_numpy(active).to(c.device)
+        frac = np.where(active, step_fraction(report), 0.0)
+        ref_k, exact_k = solve_mode(bool(h[-1][active].any()))
+        frac_t = torch.from_numpy(frac).to(c.device, c.dtype)
 
         # Predictor: the affine direction and the shared solve K [x1; z1] = [−c; b].
         r1 = torch.stack((neg_c, -rx), dim=1)
         r2 = torch.stack((b, s - rz), dim=1)  # d_s/z = s on inequality rows, 0 on equalities
-        U = kkt.solve_packed(r1, r2, refine, exact=not (kkt.bounds or kkt.dual))
+        U = kkt.solve_packed(r1, r2, ref_k, exact_k)
         if U.dtype != c.dtype:
             U = U.to(c.dtype)
         U1 = U[:, 0]
@@ -1299,12 +1342,11 @@ def _solve(
         d_s_zinv = torch.addcmul(s_z, ds, dz).sub_(target.unsqueeze(1) * ineq) * zinv
         d_kap = torch.addcmul(tk, dt, dk) - target
         r2 = torch.addcmul(d_s_zinv, eta1, rz, value=-1.0)
-        U = kkt.solve_packed((-eta1 * rx).unsqueeze(1), r2.unsqueeze(1), refine,
-                             exact=not (kkt.bounds or kkt.dual))
+        U = kkt.solve_packed((-eta1 * rx).unsqueeze(1), r2.unsqueeze(1), ref_k, exact_k)
         if U.dtype != c.dtype:
             U = U.to(c.dtype)
         dY, _, _, _, _, ratio = direction(U[:, 0], eta * rtau, d_s_zinv, d_kap)
-        alpha = torch.where(active_t, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
+        alpha = torch.clamp(frac_t * ratio, max=1.0)
         Y = torch.addcmul(Y, alpha.unsqueeze(1), dY)
 
     x, z, s, tau = Y[:, :n], Y[:, n:N], Y[:, N:N + m], Y[:, -2]
@@ -1326,8 +1368,9 @@ def _solve(
             zinv = inverse_z(z)
             D = s * zinv
             failed = kkt.factor(D)
-            h = _host(n_r2, n_Ax, n_s, n_rc, n_r1, n_Px, n_Atz, failed.to(n_r1.dtype))
-            new_code, report = _path_codes(h, norm_b, norm_c, tol, mu_t)
+            h = _host(n_r2, n_Ax, n_s, n_rc, n_r1, n_Px, n_Atz, failed.to(n_r1.dtype),
+                      kkt.weak.to(n_r1.dtype))
+            new_code, report = _path_codes(h[:-1], norm_b, norm_c, tol, mu_t)
             live = code == _RUNNING
             code = np.where(live, new_code, code)
             active = code == _RUNNING
@@ -1339,7 +1382,8 @@ def _solve(
             iters += active
             active_t = torch.from_numpy(active).to(c.device)
             # y∘ds + s∘dy = −rc gives ds = −rc/y − D dy, so K [dx; dy] = [−r1; rc/y − r2].
-            u1, u2 = kkt_solve((-r1).unsqueeze(1), (rc * zinv - r2).unsqueeze(1))
+            u1, u2 = kkt_solve((-r1).unsqueeze(1), (rc * zinv - r2).unsqueeze(1),
+                               bool(h[-1][active].any()))
             dx, dz = u1.squeeze(1), u2.squeeze(1)
             ds = -(rc * zinv + D * dz)
             ratio = _boundary_step(torch.cat((s[:, p:], z[:, p:]), 1),

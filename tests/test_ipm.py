@@ -606,6 +606,31 @@ def test_dual_form_with_dependent_equality_rows():
     assert rel_err(l1, r1) <= 1e-8
 
 
+def test_zero_P_keeps_the_general_form():
+    # Regression: P = 0 (an LP given with a quadratic term) passed the dual form's conditioning
+    # test as P + δI = δI, and S = AAᵀ/δ + D failed most degenerate LPs (NUMERICAL_ERROR on 11
+    # of these 16: integer costs with ties, x ≥ 0, four 0/1 rows, 1ᵀx = 2).
+    from diffopt import QPLayer
+
+    g = torch.Generator().manual_seed(0)
+    B, n = 16, 12
+    eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+    G = torch.cat([-eye, torch.randint(0, 2, (B, 4, n), generator=g).double()], 1)
+    h = torch.cat([torch.zeros(B, n), 3 * torch.ones(B, 4)], 1).double()
+    q = -torch.randint(0, 2, (B, n), generator=g).double()
+    A, b = torch.ones(B, 1, n, dtype=torch.float64), 2 * torch.ones(B, 1, dtype=torch.float64)
+    layer = QPLayer(solver_args={"on_failure": "nan"})
+    x = layer(torch.zeros(B, n, n, dtype=torch.float64), q, G, h, A, b)
+    assert all(st is Status.OPTIMAL for st in layer.info.status)
+    assert max(layer.info.iterations) <= 8
+    ref = QPLayer(solver="clarabel")(None, q, G, h, A, b)
+    assert float(((q * x).sum(1) - (q * ref).sum(1)).abs().max()) <= 1e-7
+    sol = NativeIPM().solve(program(torch.zeros(2, n, n, dtype=torch.float64), q[:2],
+                                    torch.cat([A, G], 1)[:2], torch.cat([b, h], 1)[:2], 1, n + 4),
+                            {})
+    assert not sol.differentiator._kkt.dual
+
+
 def test_ill_conditioned_P_keeps_the_general_form():
     # λ_min(P)/λ_max(P) ~ 1e-9: (P + δI)⁻¹ would amplify round-off in the dual form's S.
     P, c, A, b = random_problem(4, 10, 2, 16, seed=22)

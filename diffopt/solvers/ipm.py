@@ -559,9 +559,12 @@ class _KKT:
             return False
         eye = torch.eye(n, dtype=P.M.dtype, device=P.M.device)
         U, info = torch.linalg.cholesky_ex(P.M + reg * eye, upper=True)
-        d = U.diagonal(dim1=-2, dim2=-1)
-        # Only for a well-conditioned P: (P + δI)⁻¹ must not amplify round-off in S.
-        if bool((info > 0).any()) or bool((d.amin(-1) ** 2 < _DUAL_COND * d.amax(-1) ** 2).any()):
+        d2 = U.diagonal(dim1=-2, dim2=-1) ** 2
+        # Only for a well-conditioned P: (P + δI)⁻¹ must not amplify round-off in S, and δ must
+        # not dominate P (P = 0, an LP given to QPLayer, made δI a perfectly conditioned P, S =
+        # AAᵀ/δ + D, and 98 of 160 degenerate LPs failed).
+        low = torch.clamp(_DUAL_COND * d2.amax(-1), min=_WEAK_PIVOT * reg)
+        if bool((info > 0).any()) or bool((d2.amin(-1) < low).any()):
             return False
         # Shared matrices are 2-D here and broadcast in the products.
         Pinv = torch.cholesky_inverse(U, upper=True)  # faster than solves with Aᵀ

@@ -285,7 +285,7 @@ class QPLayer(nn.Module):
     and ``A, b`` are optional (pass ``None``). Gradients are exact (KKT); a shared argument
     receives the gradient *summed* over the batch (qpth averages it instead — divide by the batch
     size to reproduce qpth). ``P`` is used through its symmetric part and must be positive
-    semidefinite.
+    semidefinite; ``P = None`` is a linear program.
 
     Args:
         solver: ``"native"`` (default: the batched interior-point method in torch, which runs on
@@ -324,14 +324,17 @@ class QPLayer(nn.Module):
 
     def forward(self, P, q, G=None, h=None, A=None, b=None, *, solver_args: dict | None = None,
                 gradient: GradientMode | str | None = None):
-        """Solve the batch. Shapes: ``P (B?, n, n)``, ``q (B?, n)``, ``G (B?, m, n)``,
-        ``h (B?, m)``, ``A (B?, p, n)``, ``b (B?, p)``.
+        """Solve the batch. Shapes: ``P (B?, n, n)`` (or ``None``: an LP), ``q (B?, n)``,
+        ``G (B?, m, n)``, ``h (B?, m)``, ``A (B?, p, n)``, ``b (B?, p)``.
 
         Returns:
             ``x`` of shape ``(B, n)`` (``(n,)`` if nothing is batched), or ``(x, ν, λ)`` with
             ``duals=True``.
         """
         args = {"P": P, "q": q, "G": G, "h": h, "A": A, "b": b}
+        if q is None:
+            raise InputError("q: the linear term is required (a tensor of shape (n,) or "
+                             "(batch, n)); pass zeros for a pure quadratic objective")
         for pair in (("G", "h"), ("A", "b")):
             if (args[pair[0]] is None) != (args[pair[1]] is None):
                 raise InputError(f"{pair[0]} and {pair[1]} go together: pass both or neither")
@@ -386,13 +389,16 @@ class QPLayer(nn.Module):
         bvec = torch.cat(rows_b, 1) if rows_b else q.new_zeros(B, 0, dtype=dtype)
         dims = ConeDims(zero=p, nonneg=m)
         call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
-                         _dense_pattern(n, n), _dense_pattern(p + m, n), dims)
+                         None if P is None else _dense_pattern(n, n), _dense_pattern(p + m, n),
+                         dims)
         mode = self.gradient if gradient is None else as_mode(gradient)
         try:
-            Psym = batch(P, (n, n))
-            Psym = 0.5 * (Psym + Psym.transpose(1, 2))  # the objective sees only sym(P)
-            x, y, _ = mode.solve(Psym.reshape(B, n * n), batch(q, (n,)),
-                                 Amat.reshape(B, (p + m) * n), bvec, call)
+            Pvals = None
+            if P is not None:
+                Psym = batch(P, (n, n))
+                # the objective sees only sym(P)
+                Pvals = (0.5 * (Psym + Psym.transpose(1, 2))).reshape(B, n * n)
+            x, y, _ = mode.solve(Pvals, batch(q, (n,)), Amat.reshape(B, (p + m) * n), bvec, call)
         finally:
             self.info = call.info
         outs = (x, y[:, :p], y[:, p:]) if self.duals else (x,)

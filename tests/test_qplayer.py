@@ -100,6 +100,26 @@ def test_float32_gradients_as_accurate_as_float32_holds():
         assert rel_err(g32.double(), g64) < 1e-6
 
 
+@pytest.mark.parametrize("solver", ["native", "clarabel"])
+def test_no_P_is_a_linear_program(solver):
+    # min qᵀx s.t. x ≥ 0, 1ᵀx = 1: the vertex at the smallest cost, and a gradient w.r.t. h that
+    # the P = 0 form of the same LP gives too.
+    q = torch.tensor([[0.3, -0.2, 0.5], [1.0, 2.0, 0.5]], dtype=torch.float64)
+    G, h = -torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    A, b = torch.ones(1, 3, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    hs = [h.clone().requires_grad_() for _ in range(2)]
+    layer = QPLayer(solver=solver)
+    x = layer(None, q, G, hs[0], A, b)
+    assert torch.allclose(x, torch.tensor([[0.0, 1, 0], [0, 0, 1]], dtype=torch.float64),
+                          atol=1e-7)
+    x0 = layer(torch.zeros(3, 3, dtype=torch.float64), q, G, hs[1], A, b)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    (x * w).sum().backward()
+    (x0 * w).sum().backward()
+    assert hs[0].grad.abs().max() > 0.1  # moving the active bounds moves the vertex
+    assert rel_err(hs[0].grad, hs[1].grad) < 1e-6
+
+
 def test_errors():
     rng = np.random.default_rng(4)
     P, q, G, h, A, b = _qp(rng)
@@ -116,6 +136,8 @@ def test_errors():
         layer(P, q.numpy(), G, h)
     with pytest.raises(InputError, match="one device, received P on meta, q on cpu, G on cpu"):
         layer(P.to("meta"), q, G, h)
+    with pytest.raises(InputError, match="q: the linear term is required"):
+        layer(P, None, G, h)
 
 
 def test_backward_reads_few_scalars_whatever_the_batch():

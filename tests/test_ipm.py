@@ -164,6 +164,16 @@ def test_infeasible_equalities_are_certified():
     assert sol.status == [Status.INFEASIBLE]
 
 
+def test_step_length_is_zero_for_stopped_items_and_capped_at_one():
+    from diffopt.solvers.ipm import _step_length
+
+    inf = math.inf
+    frac = torch.tensor([0.0, 0.0, 0.99, 0.99, 1 - 1e-6], dtype=torch.float64)
+    ratio = torch.tensor([inf, 0.5, inf, 0.5, 1.0], dtype=torch.float64)
+    expected = torch.tensor([0.0, 0.0, 1.0, 0.495, 1 - 1e-6], dtype=torch.float64)
+    assert torch.equal(_step_length(frac, ratio), expected)
+
+
 def test_iteration_limit():
     data = random_problem(4, 10, 2, 10, seed=3)
     sol = NativeIPM().solve(program(*data, 2, 10), {"max_iters": 2})

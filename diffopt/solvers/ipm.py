@@ -315,6 +315,13 @@ def _boundary_step(v: Tensor, dv: Tensor) -> Tensor:
     return torch.where(neg, v / torch.where(neg, -dv, 1.0), math.inf).amin(dim=1)
 
 
+def _step_length(frac: Tensor, ratio: Tensor) -> Tensor:
+    """Per item, ``min(frac · ratio, 1)`` for the step to the boundary ``ratio`` (``inf`` when
+    nothing blocks) and the fraction ``frac`` (0 for the stopped items, else ≥ 0.99): 0 for a
+    stopped item whatever its ratio (``0 · inf`` would be NaN and wreck its returned point)."""
+    return torch.clamp(frac * torch.clamp(ratio, max=2.0), max=1.0)
+
+
 def _shift_into_cone(v: Tensor, p: int, ineq: Tensor) -> Tensor:
     """Shift the inequality rows of ``v`` to a margin ``max(1, Σᵢ max(vᵢ, 0)/10)`` (if smaller).
 
@@ -1364,7 +1371,7 @@ def _solve(
         if U.dtype != c.dtype:
             U = U.to(c.dtype)
         dY, _, _, _, _, ratio = direction(U[:, 0], eta * rtau, d_s_zinv, d_kap)
-        alpha = torch.clamp(frac_t * ratio, max=1.0)
+        alpha = _step_length(frac_t, ratio)
         Y = torch.addcmul(Y, alpha.unsqueeze(1), dY)
 
     x, z, s, tau = Y[:, :n], Y[:, n:N], Y[:, N:N + m], Y[:, -2]

@@ -143,6 +143,20 @@ def test_infeasible_and_unbounded_in_a_mixed_batch():
     assert torch.isnan(sol.x[1]).all() and torch.isnan(sol.y[2]).all()
 
 
+def test_infeasibility_takes_precedence_over_unboundedness():
+    # An LP can be both primal and dual infeasible (contradictory rows, and a descent direction
+    # in the rest): when both certificates hold, the primal one decides, as Clarabel does (the
+    # unboundedness certificate proves only that the dual is infeasible). Rows of h as in _solve.
+    from diffopt.solvers.ipm import _INFEASIBLE, _UNBOUNDED, _hsde_codes
+
+    one, tiny = np.ones(2), np.full(2, 1e-12)
+    cx, bz = np.array([-1.0, -1.0]), np.array([-1.0, 1.0])  # item 1: only unbounded
+    h = np.stack([one, one, one, one, tiny, tiny, tiny, tiny, cx, bz, one, 0 * one, one, one,
+                  0 * one])
+    code, _ = _hsde_codes(h, np.float64(1.0), np.float64(1.0), 1e-9, 1e-8, 0.0, 2)
+    assert code.tolist() == [_INFEASIBLE, _UNBOUNDED]
+
+
 def test_unbounded_qp_next_to_a_bounded_one():
     # min ½x₁² − x₂ s.t. x ≥ 0 (unbounded along x₂), and the same with x₂ ≤ 1 added.
     P = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]] * 2, dtype=torch.float64)

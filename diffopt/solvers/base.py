@@ -50,7 +50,11 @@ class Status(enum.Enum):
         "the problem is primal infeasible for these parameter values: no point satisfies the "
         "constraints"
     )
-    UNBOUNDED = "the problem is unbounded (dual infeasible) for these parameter values"
+    UNBOUNDED = (
+        "the problem is dual infeasible for these parameter values: the objective decreases "
+        "without bound along a direction of the constraints' recession cone (it is unbounded "
+        "below if the constraints are feasible)"
+    )
     MAX_ITERATIONS = (
         "the iteration limit was reached before convergence; raise max_iters or check scaling"
     )

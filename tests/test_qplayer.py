@@ -6,6 +6,8 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from diffopt import InputError, QPLayer
 from problems import rel_err
@@ -118,6 +120,41 @@ def test_no_P_is_a_linear_program(solver):
     (x0 * w).sum().backward()
     assert hs[0].grad.abs().max() > 0.1  # moving the active bounds moves the vertex
     assert rel_err(hs[0].grad, hs[1].grad) < 1e-6
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 9), extra=st.integers(1, 8),
+       quad=st.sampled_from(["none", "zero", "diagonal"]))
+def test_degenerate_lps_and_qps_match_clarabel(seed, n, extra, quad):
+    # Integer data make ties and degenerate vertices common: costs in {-1, 0, 1}, rows in
+    # {-1, 0, 1}, right-hand sides G x0 + {0, 1} at an integer x0 in the box 0 <= x <= 3 (slack 0:
+    # a constraint active at x0), and P absent, zero (the dual form's trap) or diagonal with
+    # zeros. Stress runs of such families found items stalling at max_iters or failing
+    # numerically (fixed in 53bacc3 and 1c23b5d); the optimal value must match Clarabel's.
+    rng = np.random.default_rng(seed)
+    B = 8
+    G0 = rng.integers(-1, 2, (B, extra, n)).astype(float)
+    x0 = rng.integers(0, 3, (B, n)).astype(float)
+    h0 = np.einsum("bmn,bn->bm", G0, x0) + rng.integers(0, 2, (B, extra))
+    eye = np.broadcast_to(np.eye(n), (B, n, n))
+    G = torch.as_tensor(np.concatenate([G0, -eye, eye], 1))
+    h = torch.as_tensor(np.concatenate([h0, np.zeros((B, n)), np.full((B, n), 3.0)], 1))
+    q = torch.as_tensor(rng.integers(-1, 2, (B, n)).astype(float))
+    P = {"none": None, "zero": torch.zeros(B, n, n, dtype=torch.float64),
+         "diagonal": torch.diag_embed(torch.as_tensor(rng.integers(0, 2, (B, n)).astype(float)))
+         }[quad]
+    layer = QPLayer(solver_args={"on_failure": "nan"})
+    x = layer(P, q, G, h)
+    assert all(st.name == "OPTIMAL" for st in layer.info.status), layer.info.status
+    ref = QPLayer(solver="clarabel", solver_args={"tol_gap_rel": 1e-12, "tol_gap_abs": 1e-12})(
+        P, q, G, h)
+
+    def objective(v):
+        value = (q * v).sum(1)
+        return value if P is None else value + 0.5 * torch.einsum("bi,bij,bj->b", v, P, v)
+
+    assert float((objective(x) - objective(ref)).abs().max()) <= 1e-7
+    assert float((G @ x.unsqueeze(-1)).squeeze(-1).sub(h).max()) <= 1e-7
 
 
 def test_errors():

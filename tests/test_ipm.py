@@ -157,6 +157,28 @@ def test_infeasibility_takes_precedence_over_unboundedness():
     assert code.tolist() == [_INFEASIBLE, _UNBOUNDED]
 
 
+def test_infeasible_lps_are_certified_not_numerical_errors():
+    # Regression: 1ᵀx = 5 against three group caps summing to 3 (x ≥ 0). Near the certificate
+    # every inequality row's s/z → 0, the δ = 1e-7 solves lost their accuracy before τ reached
+    # the ~1e-8 the certificate test needs, and 4 of these 16 ended NUMERICAL_ERROR (see
+    # _WEAK_REG).
+    from diffopt import QPLayer
+
+    g = torch.Generator().manual_seed(0)
+    B, n = 16, 10
+    G = torch.cat([-torch.eye(n, dtype=torch.float64).expand(B, n, n),
+                   torch.zeros(B, 3, n, dtype=torch.float64)], 1)
+    for k, cols in enumerate((slice(0, 3), slice(3, 6), slice(6, n))):
+        G[:, n + k, cols] = 1.0
+    h = torch.cat([torch.zeros(B, n), torch.ones(B, 3)], 1).double()
+    A, b = torch.ones(B, 1, n, dtype=torch.float64), 5 * torch.ones(B, 1, dtype=torch.float64)
+    q = torch.randn(B, n, generator=g, dtype=torch.float64)
+    layer = QPLayer(solver_args={"on_failure": "nan"})
+    layer(None, q, G, h, A, b)
+    assert all(st is Status.INFEASIBLE for st in layer.info.status), layer.info.status
+    assert max(layer.info.iterations) <= 15
+
+
 def test_unbounded_qp_next_to_a_bounded_one():
     # min ½x₁² − x₂ s.t. x ≥ 0 (unbounded along x₂), and the same with x₂ ≤ 1 added.
     P = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]] * 2, dtype=torch.float64)

@@ -156,6 +156,14 @@ _SNAP_STEPS = 4  # preconditioned refinement steps of the exact derivative befor
 # 4 steps, none, in at most 8 iterations (3: 8, 6: 7). Well-posed items stay above ~1e7 δ.
 _WEAK_PIVOT = 1e4
 _WEAK_REFINE = 4
+# The general form's δ in weak passes: those where some item has every inequality row's D = s/z
+# below _WEAK_PIVOT δ. That is the certificate regime of an infeasible problem (x, s → 0 with τ,
+# z along the certificate): K is nearly singular along the certificate, and with δ = 1e-7 the
+# solves' relative residual grew from 1e-10 to 1e-2 in two iterations, before τ reached the ~1e-8
+# that the certificate test needs: 78 of 320 infeasible LPs (1ᵀx = 5 against caps summing to 3)
+# and 39 of 320 of another family ended NUMERICAL_ERROR, certified with 1e-8 and _WEAK_REFINE
+# exact steps (all in <= 12 iterations; 1e-9 did as well, 1e-7 with 4 steps left 26 and 3).
+_WEAK_REG = 1e-8
 # Smallest 1 − (step fraction) near the solution (see step_fraction in _solve): closer to the
 # boundary, the next factorization was too ill-conditioned (an integer-cost item at relative
 # error 3e-9 stepped to 1 − 3e-9 of the boundary, then took 22 more iterations).
@@ -595,11 +603,12 @@ class _KKT:
         self.M = (0.5 * (M + M.mT)).expand(self.B, -1, -1)
         return True
 
-    def factor(self, D: Tensor) -> Tensor:
+    def factor(self, D: Tensor, weak: bool = False) -> Tensor:
         """Factor at the diagonal ``D`` (``(B, m)``, zero on equality rows); return failures.
 
         Also sets ``weak``, the items whose factorization needs refinement against the exact
-        ``K`` (see ``_WEAK_PIVOT``; bounds form only).
+        ``K`` (see ``_WEAK_PIVOT``): in the bounds form from its ``G``; in the general form
+        ``weak`` is the caller's (see ``_WEAK_REG``), which also lowers δ for this factorization.
         """
         self.D = D = D.to(self.dtype)
         self.w = (D + self.reg).reciprocal()
@@ -620,8 +629,15 @@ class _KKT:
             S.diagonal(dim1=1, dim2=2).add_(D + self.reg)
             self.L, failed = _cholesky(S, self.reg)
             return failed
-        H = self.gram(self.base, self.w).view(self.B, self.n, self.n)
-        self.L, failed = _cholesky(H, self.reg)
+        reg, base = self.reg, self.base
+        if weak:  # see _WEAK_REG
+            reg = min(reg, _WEAK_REG)
+            base = base.clone()
+            base[:, :: self.n + 1] += reg - self.reg
+            self.w = (D + reg).reciprocal()
+        self.weak = torch.full_like(self.weak, weak)
+        H = self.gram(base, self.w).view(self.B, self.n, self.n)
+        self.L, failed = _cholesky(H, reg)
         return failed
 
     def _solve_reg(self, r1: Tensor, r2: Tensor) -> Tensor:
@@ -1309,7 +1325,10 @@ def _solve(
         mu = (sz + tk) / (l + 1)
         zinv = inverse_z(z)
         D = s * zinv
-        failed = kkt.factor(D)
+        # General form: a weak pass (see _WEAK_REG) is decided before factoring (one host read).
+        weak = (not (kkt.bounds or kkt.dual) and l > 0
+                and bool((D[:, p:].amax(1) < _WEAK_PIVOT * kkt.reg).any()))
+        failed = kkt.factor(D, weak)
         h = _host(n_rz, n_rx, n_Ax, n_s, n_Px, n_Atz, n_Axs, tau, cx, bz, sz, xPx_t, rtau, mu,
                   failed.to(tau.dtype), kkt.weak.to(tau.dtype))
         new_code, report = _hsde_codes(h[:-1], norm_b, norm_c, tol, tol_inf, mu_t, l)

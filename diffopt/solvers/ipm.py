@@ -728,7 +728,7 @@ class _KKT:
         the residual is computed from the data; otherwise it is taken as ``(K_δ − K) d_prev =
         (δ dx, −δ dy)`` of the previous correction, which is what it equals up to the
         round-off of the previous solve (no products with ``A`` or ``P``; used by the
-        iterations in the well-conditioned bounds form).
+        iterations in the well-conditioned bounds form). ``until``: see :meth:`solve_packed`.
         """
         u = self.solve_packed(r1, r2, refine, exact, until)
         if cast and u.dtype != self.out_dtype:

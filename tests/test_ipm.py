@@ -10,7 +10,7 @@ import torch
 
 from diffopt.cones import ConeDims
 from diffopt.solvers.base import ConeProgram, SparsePattern, Status
-from diffopt.solvers.ipm import NativeIPM
+from diffopt.solvers.ipm import _WEAK_REG, NativeIPM
 
 # Tolerances, in one place; loosened per assertion where stated.
 TOL_REF = 1e-6  # against Clarabel at tol 1e-10
@@ -588,10 +588,29 @@ def test_bounds_form_keeps_refinement_for_a_variable_without_bounds():
     b = torch.tensor([0.5, 0.0, 0.0, 1.0], dtype=torch.float64).expand(2, 4)
     sol = NativeIPM().solve(program(None, c, A, b, 1, 3), {})
     kkt = sol.differentiator._kkt
-    assert kkt.bounds and not kkt.unrefined and kkt.reg == 1e-7
+    assert kkt.bounds and not kkt.unrefined and kkt.reg == _WEAK_REG  # smaller than the 1e-7
     assert all(st is Status.OPTIMAL for st in sol.status)
     expected = torch.tensor([[0.5, 0.0, 0.0], [0.5, 0.0, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(sol.x, expected, rtol=0, atol=1e-8)
+
+
+def test_unboundedness_along_free_variables_is_certified():
+    # Regression: x free on half its coordinates, 1ᵀx = 1, integer costs (mostly unbounded).
+    # In the bounds form the free variables have G_jj = δ, and with δ = 1e-7 the certificate's
+    # ratio stalled at 1.3e-8 > tol_infeas: NUMERICAL_ERROR after up to 89 iterations.
+    n, B = 12, 128
+    g = torch.Generator().manual_seed(0)
+    c = torch.randint(-1, 2, (B, n), generator=g).double()
+    A = torch.cat([torch.ones(1, n), -torch.eye(n)[: n // 2]]).double().expand(B, -1, -1)
+    b = torch.cat([torch.ones(1), torch.zeros(n // 2)]).double().expand(B, -1)
+    sol = NativeIPM().solve(program(None, c, A, b, 1, n // 2), {})
+    # Unbounded iff the free costs differ, or some bounded cost is below their common value.
+    free_descent = (c[:, n // 2:] != c[:, n // 2:].amin(1, keepdim=True)).any(1) | (
+        c[:, : n // 2].amin(1) < c[:, n // 2:].amin(1))
+    assert sol.differentiator._kkt.bounds
+    assert all(st is (Status.UNBOUNDED if d else Status.OPTIMAL)
+               for st, d in zip(sol.status, free_descent.tolist())), sol.status
+    assert max(sol.iterations) <= 10
 
 
 @pytest.mark.parametrize("mu", [0.0, 1e-2])
@@ -692,8 +711,9 @@ def test_ill_conditioned_P_keeps_the_general_form():
     assert rel_err(sol.s, s) <= TOL_REF
 
 
-def grid_path_layer(solver: str = "auto"):
-    """CvxpyLayer of the 5x5 shortest-path LP in the cost (flow conservation, 0 ≤ x ≤ 1)."""
+def grid_path_layer(solver: str = "auto", all_rows: bool = False):
+    """CvxpyLayer of the 5x5 shortest-path LP in the cost (flow conservation, 0 ≤ x ≤ 1), or
+    with ``all_rows`` every node's conservation row (one of them dependent) and x ≥ 0 only."""
     cp = pytest.importorskip("cvxpy")
     from diffopt import CvxpyLayer
 
@@ -705,10 +725,12 @@ def grid_path_layer(solver: str = "auto"):
     inc = np.zeros((k * k, len(arcs)))
     for e, (u, v) in enumerate(arcs):
         inc[u, e], inc[v, e] = 1.0, -1.0
-    supply = np.zeros(k * k - 1)
-    supply[0] = 1.0
+    supply = np.zeros(k * k)
+    supply[0], supply[-1] = 1.0, -1.0
     x, cost = cp.Variable(len(arcs)), cp.Parameter(len(arcs))
-    problem = cp.Problem(cp.Minimize(cost @ x), [inc[:-1] @ x == supply, x >= 0, x <= 1])
+    cons = ([inc @ x == supply, x >= 0] if all_rows
+            else [inc[:-1] @ x == supply[:-1], x >= 0, x <= 1])
+    problem = cp.Problem(cp.Minimize(cost @ x), cons)
     return CvxpyLayer(problem, parameters=[cost], variables=[x], solver=solver)
 
 
@@ -732,25 +754,29 @@ def test_bounds_form_converges_on_paths(tol, smoothing):
     assert max(layer.info.iterations) <= 25
 
 
-@pytest.mark.parametrize("kind", ["integer", "near-tie"])
+@pytest.mark.parametrize("kind", ["integer", "near-tie", "integer-all-rows"])
 def test_bounds_form_solves_degenerate_paths(kind):
     # Regression: with costs that tie, the optimal face has arcs strictly between their bounds,
     # the bounds form's G_jj fall to ~δ and the unrefined iterations stalled (integer costs in
     # {0, 1, 2}: 11 of these 128 items at max_iters; costs 1 + 1e-7·N(0, 1): 2, and with
     # δ = 1e-7 and refinement from δ alone 18 NUMERICAL_ERROR and 2 at max_iters).
-    # Weak factorizations are refined against the exact K (see _WEAK_PIVOT).
-    layer = grid_path_layer()
-    g = torch.Generator().manual_seed(7)
-    if kind == "integer":
+    # Weak factorizations are refined against the exact K (see _WEAK_PIVOT). With every
+    # conservation row (one dependent) and x ≥ 0 only, refinement stopped at 1e-13 instead of
+    # _WEAK_TOL left 2 of these 128 NUMERICAL_ERROR / MAX_ITERATIONS.
+    all_rows = kind == "integer-all-rows"
+    layer = grid_path_layer(all_rows=all_rows)
+    g = torch.Generator().manual_seed(0 if all_rows else 7)
+    if kind.startswith("integer"):
         c = torch.randint(0, 3, (128, 40), generator=g).double()
     else:
         c = 1.0 + 1e-7 * torch.randn(128, 40, generator=g, dtype=torch.float64)
-    options = [{}] if kind == "integer" else [{}, {"reg": 1e-7}]
+    options = [{}, {"reg": 1e-7}] if kind == "near-tie" else [{}]
     for opts in options:
         (x,) = layer(c, solver_args={**opts, "on_failure": "nan"})
         assert all(st is Status.OPTIMAL for st in layer.info.status), opts
         assert max(layer.info.iterations) <= 12, opts
-    (ref,) = grid_path_layer(solver="clarabel")(c, solver_args={"tol_gap_rel": 1e-12})
+    (ref,) = grid_path_layer(solver="clarabel", all_rows=all_rows)(
+        c, solver_args={"tol_gap_rel": 1e-12})
     obj, obj_ref = (c * x).sum(1), (c * ref).sum(1)
     assert float((obj - obj_ref).abs().max()) <= 1e-8 * float(obj_ref.abs().max())
 

@@ -159,10 +159,11 @@ _WEAK_REFINE = 4
 # ... stopping early once the residual's largest entry is below _WEAK_TOL times the right-hand
 # side's: a bounds-form LP with box bounds has G_jj → δ on its basic variables (strictly inside
 # their boxes), so every late pass is weak; always 4 steps cost it 25 % (14.2 -> 17.7 ms, B = 32,
-# n = 40), stopping at 1e-13 made it 7 % faster than one cheap step (13.3 ms), with the ties and
-# infeasible families above still solved (1e-12 failed 21 of 128 near-tied paths at δ = 1e-7;
-# 1e-14 cost 14.4 ms).
-_WEAK_TOL = 1e-13
+# n = 40); stopping at 1e-14 takes 13.8 ms (one cheap step, the old default: 14.2), with the
+# ties and infeasible families above still solved (1e-12 failed 21 of 128 near-tied paths at
+# δ = 1e-7; 1e-13 failed 1 of 192 integer-cost shortest paths written with all 25 (dependent)
+# conservation rows; 1e-15 took 15.8 ms).
+_WEAK_TOL = 1e-14
 # The general form's δ in weak passes: those where some item has every inequality row's D = s/z
 # below _WEAK_PIVOT δ. That is the certificate regime of an infeasible problem (x, s → 0 with τ,
 # z along the certificate): K is nearly singular along the certificate, and with δ = 1e-7 the
@@ -563,6 +564,13 @@ class _KKT:
                 (pdiag.amin(-1) >= _DUAL_COND * pdiag.amax(-1)).all()
                 & (pdiag.amin(-1) > 0).all())):
             self.reg, self.unrefined = _BOUNDS_REG, True
+        elif small_reg and bool((~nz.any(0) & (torch.as_tensor(pdiag) == 0)).any()):
+            # A variable with neither a bound nor a quadratic term has G_jj = δ in every pass
+            # (all weak, see _WEAK_PIVOT). The unboundedness certificate along such variables
+            # is only as accurate as δ: with 1e-7 its ratio stalled at 1.3e-8, above tol_infeas
+            # (x free on half the coordinates, 1ᵀx = 1, integer costs: 16 of 320 NUMERICAL_ERROR,
+            # up to 89 iterations); with _WEAK_REG all UNBOUNDED in <= 5.
+            self.reg = _WEAK_REG
         self.gbase = (M.new_zeros(self.B, n) + pdiag + self.reg).contiguous()
         shared = self.A.shared
         lead = (lambda t: t.unsqueeze(0)) if shared else (lambda t: t)

@@ -1456,7 +1456,7 @@ def _solve(
             if k == max_iters or not active.any():
                 break
             iters += active
-            active_t = torch.from_numpy(active).to(c.device)
+            frac_t = torch.from_numpy(np.where(active, _STEP_FRACTION, 0.0)).to(c.device, c.dtype)
             # y∘ds + s∘dy = −rc gives ds = −rc/y − D dy, so K [dx; dy] = [−r1; rc/y − r2].
             u1, u2 = kkt_solve((-r1).unsqueeze(1), (rc * zinv - r2).unsqueeze(1),
                                bool(h[-1][active].any()))
@@ -1464,8 +1464,7 @@ def _solve(
             ds = -(rc * zinv + D * dz)
             ratio = _boundary_step(torch.cat((s[:, p:], z[:, p:]), 1),
                                    torch.cat((ds[:, p:], dz[:, p:]), 1))
-            alpha = torch.where(active_t, torch.clamp(_STEP_FRACTION * ratio, max=1.0), 0.0)
-            a1 = alpha.unsqueeze(1)
+            a1 = _step_length(frac_t, ratio).unsqueeze(1)
             x, z, s = torch.addcmul(x, a1, dx), torch.addcmul(z, a1, dz), torch.addcmul(s, a1, ds)
 
     # ---- diagnostics, computed once, and NaN rows for the items without a solution.

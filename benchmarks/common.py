@@ -142,11 +142,9 @@ def dense_qp(n: int, m: int, p: int, B: int, seed: int = 0, margin: float = 1e-3
                   params, [x], values, qp_form=qp_form)
 
 
-def grid_shortest_path(k: int = 5, B: int = 64, seed: int = 1) -> Family:
-    """Shortest path on a k×k grid (edges right/down), top-left to bottom-right, relaxed to an LP
-    with 0 ≤ x ≤ 1 plus 0.1‖x‖²; edge costs parametric. The sink's conservation row is implied by
-    the others and is left out (keeps the equality constraints full rank)."""
-    rng = np.random.default_rng(seed)
+def grid_incidence(k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Node-edge incidence of the k×k grid (edges right/down; +1 out of a node, −1 into it) and
+    the supply of one unit from the top-left to the bottom-right node, every node's row."""
     node = lambda i, j: i * k + j  # noqa: E731
     edges = []
     for i in range(k):
@@ -155,13 +153,22 @@ def grid_shortest_path(k: int = 5, B: int = 64, seed: int = 1) -> Family:
                 edges.append((node(i, j), node(i, j + 1)))
             if i + 1 < k:
                 edges.append((node(i, j), node(i + 1, j)))
-    E, N = len(edges), k * k
-    inc = np.zeros((N, E))
+    inc = np.zeros((k * k, len(edges)))
     for e, (u, v) in enumerate(edges):
         inc[u, e] = 1.0   # out of u
         inc[v, e] = -1.0  # into v
-    rhs = np.zeros(N)
-    rhs[0], rhs[N - 1] = 1.0, -1.0
+    rhs = np.zeros(k * k)
+    rhs[0], rhs[-1] = 1.0, -1.0
+    return inc, rhs
+
+
+def grid_shortest_path(k: int = 5, B: int = 64, seed: int = 1) -> Family:
+    """Shortest path on a k×k grid (edges right/down), top-left to bottom-right, relaxed to an LP
+    with 0 ≤ x ≤ 1 plus 0.1‖x‖²; edge costs parametric. The sink's conservation row is implied by
+    the others and is left out (keeps the equality constraints full rank)."""
+    rng = np.random.default_rng(seed)
+    inc, rhs = grid_incidence(k)
+    E = inc.shape[1]
     inc, rhs = inc[:-1], rhs[:-1]
     x = cp.Variable(E)
     c = cp.Parameter(E)

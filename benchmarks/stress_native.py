@@ -19,6 +19,7 @@ import collections
 import time
 
 import torch
+from common import grid_incidence
 
 from diffopt import QPLayer
 
@@ -28,27 +29,13 @@ FAMILIES = ("path-ties", "path-near-ties", "path-all-rows", "lp-ties", "lp-ties-
 F64 = torch.float64
 
 
-def _grid(k: int = 5) -> torch.Tensor:
-    """Node-arc incidence of the k x k grid (arcs east and south)."""
-    arcs = []
-    for i in range(k):
-        arcs += [(i * k + j, i * k + j + 1) for j in range(k - 1)]
-        arcs += [(i * k + j, i * k + j + k) for j in range(k) if i < k - 1]
-    inc = torch.zeros(k * k, len(arcs), dtype=F64)
-    for e, (u, v) in enumerate(arcs):
-        inc[u, e], inc[v, e] = 1.0, -1.0
-    return inc
-
-
 def draw(family: str, g: torch.Generator, B: int = 32) -> tuple:
     """``(P, q, G, h, A, b)`` of one batch of ``family`` (``P``, ``G``/``h``, ``A``/``b`` may be
     None)."""
     eye = torch.eye
     if family.startswith("path"):
-        inc = _grid()
+        inc, supply = (torch.as_tensor(t) for t in grid_incidence())
         n = inc.shape[1]
-        supply = torch.zeros(inc.shape[0], dtype=F64)
-        supply[0], supply[-1] = 1.0, -1.0
         A, b = (inc, supply) if family == "path-all-rows" else (inc[:-1], supply[:-1])
         G, h = -eye(n, dtype=F64), torch.zeros(n, dtype=F64)
         if family != "path-all-rows":

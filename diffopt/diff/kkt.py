@@ -56,56 +56,104 @@ def kkt_entries(program: ConeProgram, D) -> tuple[np.ndarray, np.ndarray, torch.
     blocks with the (dense) columns of ``A`` that touch each cone. The zero cone's ``D − I = 0``
     is left out.
     """
-    n, m = program.n, program.m
-    pa = program.A_pattern
+    layout = _layout(program, D)
     Av = program.A_values
     B = Av.shape[0]
-    rows, cols, vals = [], [], []
+    vals = [] if program.P_values is None else [program.P_values]
+    vals += [Av, Av[:, layout.on] * D.diag[:, layout.on_rows],
+             D.diag[:, layout.nonneg] - 1]
+    for (_, stack), g in zip(D.groups, layout.groups):
+        k = stack.shape[-1]
+        vals.append((stack - torch.eye(k, dtype=stack.dtype, device=stack.device)).reshape(B, -1))
+        if g is None:
+            continue
+        sel, cone, local, slot, p_cone, p_slot, slots = g
+        A_blk = Av.new_zeros(B, stack.shape[1], k, slots)
+        A_blk[:, cone, local, slot] = Av[:, sel]
+        DA = (stack @ A_blk).transpose(2, 3)  # (B, count, slot, k)
+        vals.append(DA[:, p_cone, p_slot].reshape(B, -1))
+    return layout.rows, layout.cols, torch.cat(vals, dim=1)
+
+
+class _EntryLayout:
+    """The index structure of :func:`kkt_entries`, which depends on the sparsity patterns and
+    the cones only: built once per layer (kept with ``A``'s pattern, see :func:`_layout`)."""
+
+    def __init__(self, program: ConeProgram, D) -> None:
+        n, m = program.n, program.m
+        pa = program.A_pattern
+        rows, cols = [], []
+        if program.P_pattern is not None and program.P_values is not None:
+            rows.append(program.P_pattern.rows)
+            cols.append(program.P_pattern.cols)
+        rows.append(n + pa.rows)
+        cols.append(pa.cols)
+        # zero and nonnegative rows: D = diag(d)
+        nd = D.diag.shape[1]
+        self.on = np.flatnonzero(pa.rows < nd)
+        self.on_rows = pa.rows[self.on]
+        rows.append(pa.cols[self.on])
+        cols.append(n + self.on_rows)
+        self.nonneg = np.arange(program.dims.zero, nd)
+        rows.append(n + self.nonneg)
+        cols.append(n + self.nonneg)
+        # SOC / PSD / exp cones, stacked by block size
+        self.groups: list = []
+        for g_rows, _ in D.groups:
+            count, k = g_rows.shape
+            gr = g_rows.numpy()
+            cone_of = np.full(m, -1)
+            cone_of[gr] = np.arange(count)[:, None]
+            local_of = np.zeros(m, dtype=np.int64)
+            local_of[gr] = np.arange(k)
+            rows.append(n + np.repeat(gr, k, axis=1).ravel())
+            cols.append(n + np.tile(gr, (1, k)).ravel())
+            sel = np.flatnonzero(cone_of[pa.rows] >= 0)
+            if not sel.size:
+                self.groups.append(None)
+                continue
+            # the columns of A touching each cone, numbered per cone (slot)
+            cone, col = cone_of[pa.rows[sel]], pa.cols[sel]
+            pairs, pair_of = np.unique(cone * n + col, return_inverse=True)
+            p_cone, p_col = pairs // n, pairs % n
+            slot = np.arange(pairs.size) - np.searchsorted(p_cone, p_cone)
+            self.groups.append((sel, cone, local_of[pa.rows[sel]], slot[pair_of], p_cone, slot,
+                                int(slot.max()) + 1))
+            rows.append(np.repeat(p_col, k))
+            cols.append(n + gr[p_cone].ravel())
+        self.rows, self.cols = np.concatenate(rows), np.concatenate(cols)
+        self.elimination_candidates = _candidates(program, self.rows, self.cols)
+
+
+def _candidates(program: ConeProgram, rows: np.ndarray, cols: np.ndarray) -> _Candidates | None:
+    """The pairs ``(x_j, v_i)`` of :class:`_Elimination`'s kind, or None: column ``j`` of ``A``
+    has one nonzero, in zero-cone row ``i`` (one such column per row), and ``P`` touches ``x_j``
+    at most on its diagonal."""
+    pa = program.A_pattern
+    count = np.bincount(pa.cols, minlength=program.n)
+    single = (count[pa.cols] == 1) & (pa.rows < program.dims.zero)
+    if not single.any():
+        return None
     if program.P_pattern is not None and program.P_values is not None:
         pp = program.P_pattern
-        rows.append(pp.rows)
-        cols.append(pp.cols)
-        vals.append(program.P_values)
-    rows.append(n + pa.rows)
-    cols.append(pa.cols)
-    vals.append(Av)
-    # zero and nonnegative rows: D = diag(d)
-    nd = D.diag.shape[1]
-    on = np.flatnonzero(pa.rows < nd)
-    rows.append(pa.cols[on])
-    cols.append(n + pa.rows[on])
-    vals.append(Av[:, on] * D.diag[:, pa.rows[on]])
-    nonneg = np.arange(program.dims.zero, nd)
-    rows.append(n + nonneg)
-    cols.append(n + nonneg)
-    vals.append(D.diag[:, nonneg] - 1)
-    # SOC / PSD / exp cones, stacked by block size
-    for g_rows, stack in D.groups:
-        count, k = g_rows.shape
-        gr = g_rows.numpy()
-        cone_of = np.full(m, -1)
-        cone_of[gr] = np.arange(count)[:, None]
-        local_of = np.zeros(m, dtype=np.int64)
-        local_of[gr] = np.arange(k)
-        eye = torch.eye(k, dtype=stack.dtype, device=stack.device)
-        rows.append(n + np.repeat(gr, k, axis=1).ravel())
-        cols.append(n + np.tile(gr, (1, k)).ravel())
-        vals.append((stack - eye).reshape(B, -1))
-        sel = np.flatnonzero(cone_of[pa.rows] >= 0)
-        if not sel.size:
-            continue
-        # the columns of A touching each cone, numbered per cone (slot)
-        cone, col = cone_of[pa.rows[sel]], pa.cols[sel]
-        pairs, pair_of = np.unique(cone * n + col, return_inverse=True)
-        p_cone, p_col = pairs // n, pairs % n
-        slot = np.arange(pairs.size) - np.searchsorted(p_cone, p_cone)
-        A_blk = Av.new_zeros(B, count, k, int(slot.max()) + 1)
-        A_blk[:, cone, local_of[pa.rows[sel]], slot[pair_of]] = Av[:, sel]
-        DA = (stack @ A_blk).transpose(2, 3)  # (B, count, slot, k)
-        rows.append(np.repeat(p_col, k))
-        cols.append(n + gr[p_cone].ravel())
-        vals.append(DA[:, p_cone, slot].reshape(B, -1))
-    return np.concatenate(rows), np.concatenate(cols), torch.cat(vals, dim=1)
+        off = np.zeros(program.n, dtype=bool)  # variables with an off-diagonal entry in P
+        cross = pp.rows != pp.cols
+        off[pp.rows[cross]] = off[pp.cols[cross]] = True
+        single &= ~off[pa.cols]
+    j_all, i_all = pa.cols[single], pa.rows[single]
+    i_pairs, first = np.unique(i_all, return_index=True)  # one variable per row
+    return _Candidates(program, rows, cols, i_pairs, j_all[first]) if i_pairs.size else None
+
+
+def _pattern_key(pattern) -> tuple | None:
+    return None if pattern is None else (pattern.shape, pattern.rows.tobytes(),
+                                         pattern.cols.tobytes())
+
+
+def _layout(program: ConeProgram, D) -> _EntryLayout:
+    P = program.P_pattern if program.P_values is not None else None
+    return program.A_pattern.memo(("kkt_entries", program.dims, _pattern_key(P)),
+                                  lambda: _EntryLayout(program, D))
 
 
 class _Elimination:
@@ -125,83 +173,34 @@ class _Elimination:
     SDP: ``n + m`` = 320 -> 120.
     """
 
-    def __init__(self, program: ConeProgram, rows: np.ndarray, cols: np.ndarray,
-                 vals: torch.Tensor, ok: torch.Tensor) -> None:
-        n, N = program.n, program.n + program.m
+    def __init__(self, layout: _EntryLayout, vals: torch.Tensor, ok: torch.Tensor) -> None:
         self.found = False
-        pa = program.A_pattern
-        count = np.bincount(pa.cols, minlength=n)
-        single = (count[pa.cols] == 1) & (pa.rows < program.dims.zero)
-        if not single.any():
+        cand = layout.elimination_candidates
+        if cand is None:
             return
-        if program.P_pattern is not None:
-            pp = program.P_pattern
-            off = np.zeros(n, dtype=bool)  # variables with an off-diagonal entry in P
-            cross = pp.rows != pp.cols
-            off[pp.rows[cross]] = off[pp.cols[cross]] = True
-            single &= ~off[pa.cols]
-        j_all, i_all = pa.cols[single], pa.rows[single]
-        i_pairs, first = np.unique(i_all, return_index=True)  # one variable per row
-        j_pairs = j_all[first]
-        key = rows.astype(np.int64) * N + cols
-        order = np.argsort(key)
-
-        def find(r, c):  # positions of entries (r, c) of J; -1 where absent
-            k = np.asarray(r, dtype=np.int64) * N + c
-            pos = np.searchsorted(key, k, sorter=order).clip(max=key.size - 1)
-            return np.where(key[order[pos]] == k, order[pos], -1)
-
-        a_pos, e_pos = find(n + i_pairs, j_pairs), find(j_pairs, n + i_pairs)
-        a, e = vals[:, a_pos], vals[:, e_pos]
+        a, e = vals[:, cand.a_pos], vals[:, cand.e_pos]
         nonzero = ((a != 0) & (e != 0)) | ~ok.unsqueeze(1)
-        usable = (a_pos >= 0) & (e_pos >= 0) & nonzero.all(0).cpu().numpy()
-        # A pair whose row of A has r other nonzeros removes 2r + 3 entries of J and adds up to
-        # r² (u wᵀ): only pairs that do not grow J are taken (r ≤ 3). Dense rows, as in least
-        # squares, would fill J with the normal equations: with a 300 x 60 least-squares
-        # problem, eliminating even 10 of them made the sparse backward 40 % slower.
-        rest = np.bincount(pa.rows, minlength=program.m)[i_pairs] - 1
-        usable &= rest * rest <= 2 * rest + 3
-        i_pairs, j_pairs = i_pairs[usable], j_pairs[usable]
-        keep = np.ones(N, dtype=bool)
-        keep[j_pairs] = keep[n + i_pairs] = False
-        if not usable.any() or not keep.any():  # nothing to eliminate, or nothing left
+        usable = cand.usable & nonzero.all(0).cpu().numpy()
+        plan = cand.plan(usable)
+        if plan is None:  # nothing to eliminate, or nothing left
             return
         self.found = True
-        self.j, self.vi = j_pairs, n + i_pairs
-        new = np.cumsum(keep) - 1  # index in the reduced system
-        self.keep, self.N = np.flatnonzero(keep), int(keep.sum())
-        pair = np.full(N, -1)  # index n + i (column v_i, row n + i) -> its pair
-        pair[self.vi] = np.arange(j_pairs.size)
-        # u: entries (k, v_i) with k kept; w: entries (n + i, k) with k kept.
-        u_sel = np.flatnonzero((pair[cols] >= 0) & keep[rows])
-        w_sel = np.flatnonzero((pair[rows] >= 0) & keep[cols])
-        # (index in the reduced system, pair) of each entry, and the entries' values
-        self.u, self.u_vals = (new[rows[u_sel]], pair[cols[u_sel]]), vals[:, u_sel]
-        self.w, self.w_vals = (new[cols[w_sel]], pair[rows[w_sel]]), vals[:, w_sel]
+        self.j, self.vi, self.keep, self.N = plan.j, plan.vi, plan.keep, plan.N
+        self.u, self.w = plan.u, plan.w
+        self.u_vals, self.w_vals = vals[:, plan.u_sel], vals[:, plan.w_sel]
         okc = ok.unsqueeze(1)
         self.a = torch.where(okc, a[:, usable], 1.0)
         self.e = torch.where(okc, e[:, usable], 1.0)
-        p_pos = find(j_pairs, j_pairs)
-        self.p = torch.where(torch.as_tensor(p_pos >= 0, device=vals.device), vals[:, p_pos], 0.0)
+        has_p = torch.as_tensor(plan.p_pos >= 0, device=vals.device)
+        self.p = torch.where(has_p, vals[:, plan.p_pos], 0.0)
         coef = self.p / (self.e * self.a)
         # Kept entries, plus p/(e a) u_k w_l at (k, l) for the u and w entries of each pair.
-        kept = np.flatnonzero(keep[rows] & keep[cols])
-        uk, up = self.u
-        wk, wp = self.w
-        by_pair = np.argsort(wp, kind="stable")
-        starts = np.searchsorted(wp[by_pair], np.arange(j_pairs.size + 1))
-        reps = starts[up + 1] - starts[up]  # each u entry meets every w entry of its pair
-        ui = np.repeat(np.arange(up.size), reps)
-        within = np.arange(ui.size) - np.repeat(np.cumsum(reps) - reps, reps)
-        wi = by_pair[np.repeat(starts[up], reps) + within]
-        r_all = np.concatenate([new[rows[kept]], uk[ui]])
-        c_all = np.concatenate([new[cols[kept]], wk[wi]])
-        v_all = torch.cat([vals[:, kept],
+        up, ui, wi = plan.u[1], plan.ui, plan.wi
+        v_all = torch.cat([vals[:, plan.kept],
                            coef[:, up[ui]] * self.u_vals[:, ui] * self.w_vals[:, wi]], 1)
-        flat, inverse = np.unique(r_all * self.N + c_all, return_inverse=True)
-        self.rows, self.cols = flat // self.N, flat % self.N
-        self.vals = v_all.new_zeros(v_all.shape[0], flat.size).index_add_(
-            1, torch.as_tensor(inverse, device=v_all.device), v_all)
+        self.rows, self.cols = plan.rows, plan.cols
+        self.vals = v_all.new_zeros(v_all.shape[0], plan.rows.size).index_add_(
+            1, torch.as_tensor(plan.inverse, device=v_all.device), v_all)
 
     def reduce_rhs(self, r: torch.Tensor, adjoint: bool) -> torch.Tensor:
         """The right-hand side of the reduced system (``Jᵀ``'s when ``adjoint``)."""
@@ -223,6 +222,82 @@ class _Elimination:
         out[:, self.j] = zx
         out[:, self.vi] = zv
         return out
+
+
+class _Candidates:
+    """The pairs ``_Elimination`` may take, from the patterns alone (kept with the layout):
+    positions in ``J``'s entries of ``a``, ``e`` and ``p``, and the pairs that do not grow ``J``.
+    Which are taken also depends on the values (``a`` and ``e`` nonzero); the index structure
+    of the reduced system for that choice is built by :meth:`plan` and kept for the next call."""
+
+    def __init__(self, program: ConeProgram, rows: np.ndarray, cols: np.ndarray,
+                 i_pairs: np.ndarray, j_pairs: np.ndarray) -> None:
+        n, N = program.n, program.n + program.m
+        self.n, self.N_full, self.rows_full, self.cols_full = n, N, rows, cols
+        key = rows.astype(np.int64) * N + cols
+        order = np.argsort(key)
+
+        def find(r, c):  # positions of entries (r, c) of J; -1 where absent
+            k = np.asarray(r, dtype=np.int64) * N + c
+            pos = np.searchsorted(key, k, sorter=order).clip(max=key.size - 1)
+            return np.where(key[order[pos]] == k, order[pos], -1)
+
+        self.i_pairs, self.j_pairs = i_pairs, j_pairs
+        self.a_pos, self.e_pos = find(n + i_pairs, j_pairs), find(j_pairs, n + i_pairs)
+        self.p_pos = find(j_pairs, j_pairs)
+        # A pair whose row of A has r other nonzeros removes 2r + 3 entries of J and adds up to
+        # r² (u wᵀ): only pairs that do not grow J are taken (r ≤ 3). Dense rows, as in least
+        # squares, would fill J with the normal equations: with a 300 x 60 least-squares
+        # problem, eliminating even 10 of them made the sparse backward 40 % slower.
+        rest = np.bincount(program.A_pattern.rows, minlength=program.m)[i_pairs] - 1
+        self.usable = (self.a_pos >= 0) & (self.e_pos >= 0) & (rest * rest <= 2 * rest + 3)
+        self._last: tuple = (None, None)
+
+    def plan(self, usable: np.ndarray) -> _Plan | None:
+        """The reduced system's structure when the pairs ``usable`` are eliminated."""
+        chosen, plan = self._last  # one read: layers may be called from several threads
+        if chosen is None or not np.array_equal(chosen, usable):
+            plan = _Plan(self, usable)
+            self._last = (usable.copy(), plan)
+        return plan if plan.found else None
+
+
+class _Plan:
+    """Index structure of ``_Elimination`` for one choice of pairs (see :class:`_Candidates`)."""
+
+    def __init__(self, cand: _Candidates, usable: np.ndarray) -> None:
+        n, N, rows, cols = cand.n, cand.N_full, cand.rows_full, cand.cols_full
+        i_pairs, j_pairs = cand.i_pairs[usable], cand.j_pairs[usable]
+        keep = np.ones(N, dtype=bool)
+        keep[j_pairs] = keep[n + i_pairs] = False
+        self.found = bool(usable.any() and keep.any())
+        if not self.found:
+            return
+        self.j, self.vi = j_pairs, n + i_pairs
+        self.p_pos = cand.p_pos[usable]
+        new = np.cumsum(keep) - 1  # index in the reduced system
+        self.keep, self.N = np.flatnonzero(keep), int(keep.sum())
+        pair = np.full(N, -1)  # index n + i (column v_i, row n + i) -> its pair
+        pair[self.vi] = np.arange(j_pairs.size)
+        # u: entries (k, v_i) with k kept; w: entries (n + i, k) with k kept.
+        self.u_sel = np.flatnonzero((pair[cols] >= 0) & keep[rows])
+        self.w_sel = np.flatnonzero((pair[rows] >= 0) & keep[cols])
+        # (index in the reduced system, pair) of each entry
+        self.u = (new[rows[self.u_sel]], pair[cols[self.u_sel]])
+        self.w = (new[cols[self.w_sel]], pair[rows[self.w_sel]])
+        self.kept = np.flatnonzero(keep[rows] & keep[cols])
+        uk, up = self.u
+        wk, wp = self.w
+        by_pair = np.argsort(wp, kind="stable")
+        starts = np.searchsorted(wp[by_pair], np.arange(j_pairs.size + 1))
+        reps = starts[up + 1] - starts[up]  # each u entry meets every w entry of its pair
+        self.ui = np.repeat(np.arange(up.size), reps)
+        within = np.arange(self.ui.size) - np.repeat(np.cumsum(reps) - reps, reps)
+        self.wi = by_pair[np.repeat(starts[up], reps) + within]
+        r_all = np.concatenate([new[rows[self.kept]], uk[self.ui]])
+        c_all = np.concatenate([new[cols[self.kept]], wk[self.wi]])
+        flat, self.inverse = np.unique(r_all * self.N + c_all, return_inverse=True)
+        self.rows, self.cols = flat // self.N, flat % self.N
 
 
 class KKTDifferentiator:
@@ -250,7 +325,7 @@ class KKTDifferentiator:
             raise ValueError(f"unknown KKT method {method!r}; expected 'dense', 'sparse' or 'auto'")
         self.D = dproj_dual(y - s, program.dims)
         rows, cols, vals = kkt_entries(program, self.D)
-        elim = _Elimination(program, rows, cols, vals, ok) if eliminate else None
+        elim = _Elimination(_layout(program, self.D), vals, ok) if eliminate else None
         self.elim = elim if elim is not None and elim.found else None
         if self.elim is not None:
             rows, cols, vals = self.elim.rows, self.elim.cols, self.elim.vals

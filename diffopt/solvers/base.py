@@ -73,10 +73,21 @@ class SparsePattern:
     rows: np.ndarray
     cols: np.ndarray
     shape: tuple[int, int]
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def nnz(self) -> int:
         return int(self.rows.size)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, computed on the first request for ``key`` and kept with the pattern.
+
+        For index structures that depend only on the pattern (and on what ``key`` names, e.g.
+        the cones): a layer holds one pattern, so every later call reuses them.
+        """
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @functools.cached_property
     def is_full(self) -> bool:

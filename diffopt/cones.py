@@ -165,7 +165,6 @@ class ConeDims:
 
 
 @functools.lru_cache(maxsize=128)
-@functools.cache
 def _svec_index(k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Index data for the order-``k`` svec: rows, cols (lower triangle, column-major), scales,
     and the ``(k, k)`` map from a matrix entry to its svec position. Cached: callers must not

@@ -73,7 +73,7 @@ class SparsePattern:
     rows: np.ndarray
     cols: np.ndarray
     shape: tuple[int, int]
-    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def nnz(self) -> int:

@@ -158,6 +158,36 @@ def test_eliminating_auxiliary_variables_keeps_the_solutions(method, case):
         assert not a[~ok].any()
 
 
+def test_structure_kept_with_the_pattern_follows_the_values():
+    # One pattern, three calls: the layout is built once; the elimination plan changes when a
+    # coefficient becomes zero (that pair is kept) and changes back; every solve stays exact.
+    B = 3
+    program, x, y, s = _program(B, seed=5, aux=True)
+    pa, n, m = program.A_pattern, program.n, program.m
+    first = np.flatnonzero((pa.rows == 0) & (pa.cols == N_X - 3))
+    ok = torch.ones(B, dtype=torch.bool)
+    rng = np.random.default_rng(6)
+    sizes = []
+    for zero in (False, True, False):
+        A_values = program.A_values.clone()
+        if zero:
+            A_values[1, first] = 0.0
+        prog = ConeProgram(program.P_pattern, program.P_values, program.c, pa, A_values,
+                           program.b, DIMS)
+        J = _J(prog, y, s)
+        r = torch.tensor(rng.standard_normal((B, n + m)), dtype=torch.float64)
+        kkt = KKTDifferentiator(prog, x, y, s, ok, "dense")
+        dz = torch.linalg.solve(J, -r)
+        dx, dy, _ = kkt.tangent(r[:, :n], r[:, n:])
+        D = dproj_dual(y - s, DIMS).dense()
+        assert torch.allclose(dx, dz[:, :n], rtol=0, atol=1e-10 * dz.abs().max())
+        assert torch.allclose(dy, (D @ dz[:, n:].unsqueeze(-1)).squeeze(-1), rtol=0,
+                              atol=1e-10 * dz.abs().max())
+        sizes.append(kkt.N)
+    assert sizes == [n + m - 6, n + m - 4, n + m - 6]
+    assert len(pa._memo) == 1  # one layout for the three calls
+
+
 @pytest.fixture
 def differentiators(monkeypatch) -> list:
     """The KKTDifferentiators the layers build during the test, in order."""

@@ -57,6 +57,11 @@ def kkt_entries(program: ConeProgram, D) -> tuple[np.ndarray, np.ndarray, torch.
     is left out.
     """
     layout = _layout(program, D)
+    return layout.rows, layout.cols, _entry_values(program, D, layout)
+
+
+def _entry_values(program: ConeProgram, D, layout: _EntryLayout) -> torch.Tensor:
+    """The values ``(B, nnz)`` of :func:`kkt_entries` on ``layout``'s entries."""
     Av = program.A_values
     B = Av.shape[0]
     vals = [] if program.P_values is None else [program.P_values]
@@ -72,7 +77,7 @@ def kkt_entries(program: ConeProgram, D) -> tuple[np.ndarray, np.ndarray, torch.
         A_blk[:, cone, local, slot] = Av[:, sel]
         DA = (stack @ A_blk).transpose(2, 3)  # (B, count, slot, k)
         vals.append(DA[:, p_cone, p_slot].reshape(B, -1))
-    return layout.rows, layout.cols, torch.cat(vals, dim=1)
+    return torch.cat(vals, dim=1)
 
 
 class _EntryLayout:
@@ -324,8 +329,9 @@ class KKTDifferentiator:
         if method not in ("dense", "sparse", "auto"):
             raise ValueError(f"unknown KKT method {method!r}; expected 'dense', 'sparse' or 'auto'")
         self.D = dproj_dual(y - s, program.dims)
-        rows, cols, vals = kkt_entries(program, self.D)
-        elim = _Elimination(_layout(program, self.D), vals, ok) if eliminate else None
+        layout = _layout(program, self.D)
+        rows, cols, vals = layout.rows, layout.cols, _entry_values(program, self.D, layout)
+        elim = _Elimination(layout, vals, ok) if eliminate else None
         self.elim = elim if elim is not None and elim.found else None
         if self.elim is not None:
             rows, cols, vals = self.elim.rows, self.elim.cols, self.elim.vals

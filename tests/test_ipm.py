@@ -635,6 +635,48 @@ def test_bounds_form_derivative_solves_the_returned_points_system(mu):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("form", ["dual", "general", "bounds"])
+def test_factorizations_of_a_solve_share_one_storage(form, monkeypatch):
+    # Without autograd recording, each iteration's factor is written into the previous one's
+    # storage (and the dual form's S into one buffer); the returned factor is the last one.
+    # Recorded iterations (solve_unrolled) get fresh tensors: autograd cannot go through out=.
+    factors = []
+
+    def spy(real):
+        def call(H, *args, **kwargs):
+            L, info = real(H, *args, **kwargs)
+            factors.append((L, H.data_ptr()))
+            return L, info
+        return call
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", spy(torch.linalg.cholesky_ex))
+    B, n, p, l = 4, 6, 1, 8
+    P, c, A, b = random_problem(B, n, p, l, lp=form == "general", seed=23)
+    if form == "general":  # an LP: no positive definite P, no bound rows
+        prog = program(None, c, A, b, p, l)
+    elif form == "bounds":  # diagonal P, x >= -1 on every variable
+        eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+        prog = program(eye.clone(), c, torch.cat((A[:, :p], -eye), 1),
+                       torch.cat((b[:, :p], torch.ones(B, n, dtype=torch.float64)), 1), p, n)
+    else:
+        prog = program(P, c, A, b, p, l)
+    sol = NativeIPM().solve(prog, {})
+    kkt = sol.differentiator._kkt
+    assert (kkt.dual, kkt.bounds) == (form == "dual", form == "bounds")
+    assert all(st is Status.OPTIMAL for st in sol.status)
+    in_loop = [L for L, _ in factors if L.dim() == 3 and L.shape[0] == B][-5:]
+    assert len(in_loop) == 5 and len({L.data_ptr() for L in in_loop}) == 1
+    assert kkt.L.data_ptr() == in_loop[-1].data_ptr()
+    if form == "dual":
+        assert len({ptr for L, ptr in factors[-5:]}) == 1  # S: one buffer
+    factors.clear()
+    prog_grad = ConeProgram(prog.P_pattern, prog.P_values, prog.c.clone().requires_grad_(),
+                            prog.A_pattern, prog.A_values, prog.b, prog.dims)
+    out = NativeIPM().solve_unrolled(prog_grad, {})
+    assert len({L.data_ptr() for L, _ in factors}) == len(factors) > 5
+    torch.autograd.grad(out.x.sum(), prog_grad.c)
+
+
 @pytest.mark.parametrize("share", ["none", "P", "A", "both"])
 def test_dual_form_matches_clarabel(share):
     B, n, p, l = 5, 12, 2, 16

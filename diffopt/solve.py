@@ -55,13 +55,26 @@ def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False)
     return add_cols(size, dst, values * take_cols(vec, src))
 
 
-def _outer_on_pattern(u, v, pattern: SparsePattern):
-    """The entries of the batched outer products ``u vᵀ`` on ``pattern``, ``(B, nnz)``."""
+def _outer_on_pattern(pattern: SparsePattern, *pairs):
+    """The entries of the batched sums of outer products ``Σₖ uₖ vₖᵀ`` on ``pattern``,
+    ``(B, nnz)``, for ``pairs`` ``(uₖ, vₖ)`` of ``(B, r)`` and ``(B, c)`` batches.
+
+    A full pattern takes one batched GEMM ``[u₁ u₂ …][v₁ v₂ …]ᵀ``, which writes the ``(B, r·c)``
+    result once; the products and sums one by one wrote three or four fresh tensors of that
+    size (OptNet's QP at B = 128: backward 34.4-36.9 -> 33.7-34.9 ms).
+    """
+    u0 = pairs[0][0]
     if pattern.is_full:
-        return (u.unsqueeze(2) * v.unsqueeze(1)).reshape(u.shape[0], -1)
-    rows = torch.as_tensor(pattern.rows, device=u.device)
-    cols = torch.as_tensor(pattern.cols, device=u.device)
-    return take_cols(u, rows) * take_cols(v, cols)
+        U = torch.stack([u for u, _ in pairs], 2)
+        V = torch.stack([v for _, v in pairs], 1)
+        return torch.bmm(U, V).reshape(u0.shape[0], -1)
+    rows = torch.as_tensor(pattern.rows, device=u0.device)
+    cols = torch.as_tensor(pattern.cols, device=u0.device)
+    out = None
+    for u, v in pairs:
+        a, b = take_cols(u, rows), take_cols(v, cols)
+        out = a * b if out is None else torch.addcmul(out, a, b)
+    return out
 
 
 @dataclass
@@ -233,12 +246,11 @@ class _ConeSolve(torch.autograd.Function):
         l1 = torch.where(ok[:, None], l1, torch.zeros_like(l1))
         l2 = torch.where(ok[:, None], l2, torch.zeros_like(l2))
         pa = call.A_pattern
-        gA = _outer_on_pattern(y, l1, pa) + _outer_on_pattern(l2, x, pa)
+        gA = _outer_on_pattern(pa, (y, l1), (l2, x))
         gP = None
         if call.P_pattern is not None:
-            pp = call.P_pattern
-            gP = (0.5 * (_outer_on_pattern(l1, x, pp) + _outer_on_pattern(x, l1, pp))).to(
-                ctx.dtypes[0])
+            h1, hx = 0.5 * l1, 0.5 * x
+            gP = _outer_on_pattern(call.P_pattern, (h1, x), (hx, l1)).to(ctx.dtypes[0])
         return gP, l1.to(ctx.dtypes[1]), gA.to(ctx.dtypes[2]), (-l2).to(ctx.dtypes[3]), None
 
     @staticmethod

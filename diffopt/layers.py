@@ -94,6 +94,8 @@ class CvxpyLayer(nn.Module):
         self.info: SolveInfo | None = None
         t = self.template
         self._gather_only: dict[str, bool] = {}
+        self._constant: dict[str, bool] = {}
+        self._ones = sum(int(np.prod(shape)) for shape in t.param_shapes)  # θ's column of ones
         self._register_map("c", t.c_map)
         self._register_map("b", t.b_map)
         self._register_map("A", t.A_map)
@@ -105,6 +107,15 @@ class CvxpyLayer(nn.Module):
 
     def _register_map(self, name: str, amap: AffineMap) -> None:
         rows, cols, vals = amap.rows, amap.cols, amap.vals
+        # No parameter in it (A and b of a decision-focused LP, a fixed P): the values once,
+        # shared by every item (expanded, so that the solvers see one matrix for the batch)
+        # and outside autograd: no per-call gather, product or backward scatter.
+        self._constant[name] = bool((cols == self._ones).all())
+        if self._constant[name]:
+            const = np.zeros(amap.size)
+            np.add.at(const, rows, vals)
+            self.register_buffer(f"{name}_const", torch.as_tensor(const))
+            return
         # Every output entry from exactly one input entry (e.g. a parametric matrix copied into
         # A): the map is a gather in output order, without the scatter-add.
         self._gather_only[name] = rows.size == amap.size and bool(
@@ -117,6 +128,9 @@ class CvxpyLayer(nn.Module):
         self.register_buffer(f"{name}_vals", torch.as_tensor(vals))
 
     def _apply_map(self, name: str, size: int, theta: torch.Tensor) -> torch.Tensor:
+        if self._constant[name]:
+            const = getattr(self, f"{name}_const").to(theta.device, theta.dtype)
+            return const.expand(theta.shape[0], -1)
         cols = getattr(self, f"{name}_cols").to(theta.device)
         vals = getattr(self, f"{name}_vals").to(theta.device, theta.dtype)
         if self._gather_only[name]:

@@ -145,6 +145,40 @@ def test_shared_parameter_gradient_is_sum_over_batch():
         assert torch.allclose(s.grad, t, atol=1e-7)
 
 
+def test_constant_problem_data_is_shared_and_outside_autograd(monkeypatch):
+    # Only c is a parameter: P, A and b are computed once, reach the solver as one row expanded
+    # over the batch and carry no graph; answers and gradients are those of the same problem
+    # with A and b as parameters.
+    from diffopt.solvers.ipm import NativeIPM
+
+    rng = np.random.default_rng(11)
+    n, p = 6, 2
+    Av = rng.standard_normal((p, n))
+    bv = Av @ rng.uniform(0.5, 1.0, n)
+    x, c = cp.Variable(n), cp.Parameter(n)
+    A, b = cp.Parameter((p, n)), cp.Parameter(p)
+    objective = cp.Minimize(c @ x + 0.5 * cp.sum_squares(x))
+    fixed = CvxpyLayer(cp.Problem(objective, [Av @ x == bv, x >= 0]), [c], [x])
+    free = CvxpyLayer(cp.Problem(objective, [A @ x == b, x >= 0]), [c, A, b], [x])
+    assert fixed._constant == {"c": False, "b": True, "A": True, "P": True}
+    seen = []
+    real = NativeIPM.solve
+    monkeypatch.setattr(NativeIPM, "solve", lambda self, prog, opts: (
+        seen.append(prog), real(self, prog, opts))[1])
+    cs = torch.tensor(rng.standard_normal((5, n)), requires_grad=True)
+    (sol,) = fixed(cs)
+    prog = seen[-1]
+    for values in (prog.P_values, prog.A_values, prog.b):
+        assert values.stride(0) == 0 and values.grad_fn is None
+    w = torch.tensor(rng.standard_normal((5, n)))
+    (g,) = torch.autograd.grad((sol * w).sum(), cs)
+    c2 = cs.detach().clone().requires_grad_()
+    (sol2,) = free(c2, torch.tensor(Av), torch.tensor(bv))
+    (g2,) = torch.autograd.grad((sol2 * w).sum(), c2)
+    assert torch.allclose(sol, sol2, atol=1e-8) and torch.allclose(g, g2, atol=1e-7)
+    assert "A_const" in fixed.state_dict() and "A_const" not in free.state_dict()
+
+
 def test_float32_in_float32_out_and_unbatched_shapes():
     case = sparsemax_case(4)
     prob, params, variables = case.build()

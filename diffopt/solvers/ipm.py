@@ -365,9 +365,10 @@ def _take(v: Tensor, idx: Tensor) -> Tensor:
 def _same_for_all(values: Tensor) -> bool:
     """Whether every item of a ``(B, k)`` batch has the same values (stored once then)."""
     # Not when recording gradients: each item's values must get its own gradient.
-    return values.shape[0] == 1 or (
-        not (values.requires_grad and torch.is_grad_enabled())
-        and bool((values == values[:1]).all()))
+    if values.shape[0] == 1 or values.stride(0) == 0 and not values.requires_grad:
+        return True  # one item, or one row expanded (a layer's constant matrix)
+    return (not (values.requires_grad and torch.is_grad_enabled())
+            and bool((values == values[:1]).all()))
 
 
 class _Matrix:

@@ -245,13 +245,16 @@ class _ConeSolve(torch.autograd.Function):
         l1, l2 = _KKTSolve.apply(x, call, "adjoint", prep(gx, x), prep(gy, y), prep(gs, s))
         l1 = torch.where(ok[:, None], l1, torch.zeros_like(l1))
         l2 = torch.where(ok[:, None], l2, torch.zeros_like(l2))
-        pa = call.A_pattern
-        gA = _outer_on_pattern(pa, (y, l1), (l2, x))
+        # P's and A's values often need none (a layer's constant matrices).
+        need_P, _, need_A, _, _ = ctx.needs_input_grad
+        gA = _outer_on_pattern(call.A_pattern, (y, l1), (l2, x)) if need_A else None
         gP = None
-        if call.P_pattern is not None:
+        if need_P and call.P_pattern is not None:
             h1, hx = 0.5 * l1, 0.5 * x
             gP = _outer_on_pattern(call.P_pattern, (h1, x), (hx, l1)).to(ctx.dtypes[0])
-        return gP, l1.to(ctx.dtypes[1]), gA.to(ctx.dtypes[2]), (-l2).to(ctx.dtypes[3]), None
+        if gA is not None:
+            gA = gA.to(ctx.dtypes[2])
+        return gP, l1.to(ctx.dtypes[1]), gA, (-l2).to(ctx.dtypes[3]), None
 
     @staticmethod
     def jvp(ctx, dPv, dc, dAv, db, _):

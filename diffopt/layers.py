@@ -93,50 +93,73 @@ class CvxpyLayer(nn.Module):
         select_backend(solver, self.template.dims, self.template.P_map is not None)
         self.info: SolveInfo | None = None
         t = self.template
-        self._gather_only: dict[str, bool] = {}
-        self._constant: dict[str, bool] = {}
         self._ones = sum(int(np.prod(shape)) for shape in t.param_shapes)  # θ's column of ones
-        self._register_map("c", t.c_map)
-        self._register_map("b", t.b_map)
-        self._register_map("A", t.A_map)
+        maps = {"c": t.c_map, "b": t.b_map, "A": t.A_map}
         if t.P_map is not None:
-            self._register_map("P", t.P_map)
+            maps["P"] = t.P_map
+        self._register_maps(maps)
         for k, rec in enumerate(t.recoveries):
             self.register_buffer(f"rec{k}_idx", torch.as_tensor(rec.idx))
             self.register_buffer(f"rec{k}_coef", torch.as_tensor(rec.coef))
 
-    def _register_map(self, name: str, amap: AffineMap) -> None:
-        rows, cols, vals = amap.rows, amap.cols, amap.vals
-        # No parameter in it (A and b of a decision-focused LP, a fixed P): the values once,
-        # shared by every item (expanded, so that the solvers see one matrix for the batch)
-        # and outside autograd: no per-call gather, product or backward scatter.
-        self._constant[name] = bool((cols == self._ones).all())
-        if self._constant[name]:
-            const = np.zeros(amap.size)
-            np.add.at(const, rows, vals)
-            self.register_buffer(f"{name}_const", torch.as_tensor(const))
-            return
-        # Every output entry from exactly one input entry (e.g. a parametric matrix copied into
-        # A): the map is a gather in output order, without the scatter-add.
-        self._gather_only[name] = rows.size == amap.size and bool(
-            (np.bincount(rows, minlength=amap.size) == 1).all())
-        if self._gather_only[name]:
-            order = np.argsort(rows)
-            rows, cols, vals = rows[order], cols[order], vals[order]
-        self.register_buffer(f"{name}_rows", torch.as_tensor(rows))
-        self.register_buffer(f"{name}_cols", torch.as_tensor(cols))
-        self.register_buffer(f"{name}_vals", torch.as_tensor(vals))
+    def _register_maps(self, maps: dict[str, AffineMap]) -> None:
+        """Buffers for the maps θ → (c, b, A, P), each of one of three kinds (``_kind``):
 
-    def _apply_map(self, name: str, size: int, theta: torch.Tensor) -> torch.Tensor:
-        if self._constant[name]:
-            const = getattr(self, f"{name}_const").to(theta.device, theta.dtype)
-            return const.expand(theta.shape[0], -1)
-        cols = getattr(self, f"{name}_cols").to(theta.device)
-        vals = getattr(self, f"{name}_vals").to(theta.device, theta.dtype)
-        if self._gather_only[name]:
-            return take_cols(theta, cols) * vals
-        rows = getattr(self, f"{name}_rows").to(theta.device)
-        return add_cols(size, rows, take_cols(theta, cols) * vals)
+        - ``const``: no parameter in it (A and b of a decision-focused LP, a fixed P): its
+          values, computed once, reach the solver as one row expanded over the batch (the
+          solvers see one matrix) and outside autograd: no per-call work, no backward scatter.
+        - ``gather``: every output entry from exactly one entry of θ (a parametric matrix
+          copied into A): all such maps are one gather of θ's columns (times their coefficients
+          unless all are 1), split into the maps, so that the backward writes θ's gradient once
+          (one scatter instead of one per map and the sums of their (B, len θ) results).
+        - ``general``: a gather, the coefficients, and a scatter-add into the output entries.
+        """
+        self._kind: dict[str, str] = {}
+        self._sizes = {name: amap.size for name, amap in maps.items()}
+        gathered = []
+        for name, amap in maps.items():
+            rows, cols, vals = amap.rows, amap.cols, amap.vals
+            if (cols == self._ones).all():
+                self._kind[name] = "const"
+                const = np.zeros(amap.size)
+                np.add.at(const, rows, vals)
+                self.register_buffer(f"{name}_const", torch.as_tensor(const))
+            elif rows.size == amap.size and (np.bincount(rows, minlength=amap.size) == 1).all():
+                self._kind[name] = "gather"
+                order = np.argsort(rows)  # output order
+                gathered.append((name, cols[order], vals[order]))
+            else:
+                self._kind[name] = "general"
+                self.register_buffer(f"{name}_rows", torch.as_tensor(rows))
+                self.register_buffer(f"{name}_cols", torch.as_tensor(cols))
+                self.register_buffer(f"{name}_vals", torch.as_tensor(vals))
+        self._gathered = [name for name, _, _ in gathered]
+        if gathered:
+            vals = np.concatenate([v for _, _, v in gathered])
+            self._gather_unit = bool((vals == 1.0).all())
+            self.register_buffer("gather_cols", torch.as_tensor(
+                np.concatenate([c for _, c, _ in gathered])))
+            self.register_buffer("gather_vals", torch.as_tensor(vals))
+
+    def _apply_maps(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The values of c, b, A (and P) for the batch ``theta``."""
+        dev, dt, B = theta.device, theta.dtype, theta.shape[0]
+        out = {}
+        if self._gathered:
+            g = take_cols(theta, self.gather_cols.to(dev))
+            if not self._gather_unit:
+                g = g * self.gather_vals.to(dev, dt)
+            sizes = [self._sizes[name] for name in self._gathered]
+            out.update(zip(self._gathered, torch.split(g, sizes, dim=1)))
+        for name, kind in self._kind.items():
+            if kind == "const":
+                out[name] = getattr(self, f"{name}_const").to(dev, dt).expand(B, -1)
+            elif kind == "general":
+                cols = getattr(self, f"{name}_cols").to(dev)
+                vals = getattr(self, f"{name}_vals").to(dev, dt)
+                rows = getattr(self, f"{name}_rows").to(dev)
+                out[name] = add_cols(self._sizes[name], rows, take_cols(theta, cols) * vals)
+        return out
 
     # -- input validation -----------------------------------------------------------------------
     def _batch(self, params: Sequence) -> tuple[list[torch.Tensor], int, bool]:
@@ -261,12 +284,8 @@ class CvxpyLayer(nn.Module):
         tensors, B, batched = self._batch(params)
         ones = tensors[0].new_ones(B, 1)
         theta = torch.cat([flatten_f(v) for v in tensors] + [ones], dim=1)
-        c = self._apply_map("c", t.n, theta)
-        b = self._apply_map("b", t.m, theta)
-        A_values = self._apply_map("A", t.A_pattern.nnz, theta)
-        P_values = None
-        if t.P_map is not None:
-            P_values = self._apply_map("P", t.P_pattern.nnz, theta)
+        values = self._apply_maps(theta)
+        c, b, A_values, P_values = values["c"], values["b"], values["A"], values.get("P")
         mode = self.gradient if gradient is None else as_mode(gradient)
         try:
             x, y, _ = mode.solve(P_values, c, A_values, b, call)

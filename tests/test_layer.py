@@ -160,7 +160,7 @@ def test_constant_problem_data_is_shared_and_outside_autograd(monkeypatch):
     objective = cp.Minimize(c @ x + 0.5 * cp.sum_squares(x))
     fixed = CvxpyLayer(cp.Problem(objective, [Av @ x == bv, x >= 0]), [c], [x])
     free = CvxpyLayer(cp.Problem(objective, [A @ x == b, x >= 0]), [c, A, b], [x])
-    assert fixed._constant == {"c": False, "b": True, "A": True, "P": True}
+    assert fixed._kind == {"c": "gather", "b": "const", "A": "const", "P": "const"}
     seen = []
     real = NativeIPM.solve
     monkeypatch.setattr(NativeIPM, "solve", lambda self, prog, opts: (

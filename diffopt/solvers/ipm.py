@@ -619,7 +619,9 @@ class _KKT:
         self.Pinv = _Matrix(lead(Pinv), P.shared)
         self.G = None if P.shared and not A.shared else _Matrix(lead(G), shared)
         self.reg = reg
-        self.M = (0.5 * (M + M.mT)).expand(self.B, -1, -1)
+        # Symmetric up to round-off, and factor() reads only one triangle of S = M + D + δI
+        # (symmetrizing it took a quarter of this setup: 0.43 of 1.67 ms, the (50, 45) QP, B = 64).
+        self.M = M.expand(self.B, -1, -1)
         return True
 
     def factor(self, D: Tensor, weak: bool = False) -> Tensor:

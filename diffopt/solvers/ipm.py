@@ -145,6 +145,7 @@ _TAU_REG = {torch.float64: 1e-12, torch.float32: 0.0}
 # Smallest λ_min/λ_max (estimated from the Cholesky factor's diagonal) of P + δI for the dual
 # form of the KKT solves.
 _DUAL_COND = 1e-6
+_SAME_HEAD = 64  # entries compared first by _same_for_all
 _SNAP_STEPS = 4  # preconditioned refinement steps of the exact derivative before the dense LU
 # A factorization of the bounds form is weak when some item's G = P + δ + A_Iᵀ W A_I has a
 # diagonal entry below _WEAK_PIVOT δ: a variable with neither a quadratic term nor an active bound,
@@ -367,8 +368,12 @@ def _same_for_all(values: Tensor) -> bool:
     # Not when recording gradients: each item's values must get its own gradient.
     if values.shape[0] == 1 or values.stride(0) == 0 and not values.requires_grad:
         return True  # one item, or one row expanded (a layer's constant matrix)
-    return (not (values.requires_grad and torch.is_grad_enabled())
-            and bool((values == values[:1]).all()))
+    if values.requires_grad and torch.is_grad_enabled():
+        return False
+    # The first entries first: per-item data differ there, and comparing the whole batch took
+    # 0.7 ms for OptNet's A at B = 32 (four chunks, two matrices and the chunking's own test).
+    head = values[:, :_SAME_HEAD]
+    return bool((head == head[:1]).all()) and bool((values == values[:1]).all())
 
 
 class _Matrix:

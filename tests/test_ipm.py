@@ -988,15 +988,18 @@ def test_exact_derivative_solves_the_snapped_system():
     assert (ds * keep).abs().max() == 0  # active and equality rows: ds = 0
 
 
-def test_exact_derivative_of_degenerate_items_is_finite():
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["one-batch", "chunks"])
+def test_exact_derivative_of_degenerate_items_is_finite(chunk_size):
     # Item 0: a duplicated active row (dependent active constraints, singular snapped system);
-    # item 1: a weakly active constraint (y = s = 0); item 2: a regular one.
+    # item 1: a weakly active constraint (y = s = 0); item 2: a regular one. In chunks, the
+    # flags set by the chunks' solves are those of the batch.
     n = 3
     P = torch.eye(n, dtype=torch.float64).expand(3, n, n)
     G = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64).expand(3, 3, n)
     c = torch.tensor([[-2.0, 0, 0], [-2.0, 0, 0], [-2.0, -3.0, 0]], dtype=torch.float64)
     h = torch.tensor([[1.0, 1.0, 5.0], [1.0, 3.0, 0.0], [1.0, 3.0, 2.0]], dtype=torch.float64)
-    sol = NativeIPM().solve(program(P, c, G, h, 0, 3), {})
+    sol = NativeIPM().solve(program(P, c, G, h, 0, 3),
+                            {} if chunk_size is None else {"chunk_size": chunk_size})
     assert all(st is Status.OPTIMAL for st in sol.status)
     g = torch.Generator().manual_seed(25)
     gx, gy, gs = (torch.randn(3, k, generator=g, dtype=torch.float64) for k in (n, 3, 3))

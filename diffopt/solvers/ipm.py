@@ -1047,8 +1047,15 @@ class _ChunkedDifferentiator:
     def __init__(self, parts: Sequence[_IPMDifferentiator]) -> None:
         self.parts = list(parts)
         self.sizes = [int(p.degenerate.shape[0]) for p in self.parts]
-        self.degenerate = torch.cat([p.degenerate for p in self.parts])
-        self.fallback = torch.cat([p.fallback for p in self.parts])
+
+    # Read when asked: the parts set their flags during their solves.
+    @property
+    def degenerate(self) -> Tensor:
+        return torch.cat([p.degenerate for p in self.parts])
+
+    @property
+    def fallback(self) -> Tensor:
+        return torch.cat([p.fallback for p in self.parts])
 
     def _map(self, method: str, *vs: Tensor) -> tuple[Tensor, ...]:
         pieces = zip(*(v.split(self.sizes) for v in vs))

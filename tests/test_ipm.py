@@ -471,6 +471,39 @@ def test_default_chunks_are_cache_sized_and_one_per_thread():
     assert bounds(prog, 40, 1) == [0, 33, 67, 100]
 
 
+def test_large_chunks_run_on_torchs_threads_by_default(monkeypatch):
+    # Several default chunks of >= 10k per-item entries: min(torch's threads, cores, chunks)
+    # threads, each with one intra-op thread; the same answers as one thread. A small problem,
+    # or one with a single default chunk, stays on one.
+    import diffopt.solvers.ipm as ipm
+
+    calls = []
+    real = ipm.parallel_map
+
+    def spy(fn, count, n_jobs):
+        calls.append((count, n_jobs, torch.get_num_threads()))
+        return real(fn, count, n_jobs)
+
+    monkeypatch.setattr(ipm, "parallel_map", spy)
+    P, c, A, b = random_problem(64, 100, 0, 100, seed=14)
+    prog = program(P, c, A, b, 0, 100)  # 8·(3·100²) bytes per item: chunks of 32
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sol = NativeIPM().solve(prog, {})
+        expected = min(2, ipm._available_cores())
+        assert calls == ([(2, 2, 1)] if expected == 2 else [])
+        assert torch.get_num_threads() == 2
+        ref = NativeIPM().solve(prog, {"n_jobs": 1})
+        assert rel_err(sol.x, ref.x) <= 1e-12 and sol.iterations == ref.iterations
+        calls.clear()
+        NativeIPM().solve(program(*random_problem(64, 10, 0, 10, seed=3), 0, 10), {})
+        NativeIPM().solve(program(P[:32], c[:32], A[:32], b[:32], 0, 100), {})
+        assert calls == []
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_small_solves_run_on_one_thread_and_restore_the_setting(monkeypatch):
     # The factorizations (forward) and triangular solves (both passes) see one thread.
     seen = []

@@ -94,6 +94,7 @@ from diffopt.solvers.base import (
     ConeProgram,
     Solution,
     Status,
+    _available_cores,
     one_torch_thread,
     parallel_map,
     to_numpy,
@@ -140,6 +141,10 @@ _CHUNK_MIN_THREAD = 8  # smallest chunk made only to give each of n_jobs threads
 # Below this many per-item matrix entries in the whole batch (see _per_item_entries) a CPU solve
 # runs on one intra-op thread: the (50, 45) QP at B = 64 has 274k (same speed either way).
 _ONE_THREAD_ENTRIES = 300_000
+# From this many per-item matrix entries (see _per_item_entries), several chunks are solved on
+# threads by default (n_jobs=None): OptNet's QP (n = m = 100, 20k entries, four chunks at
+# B = 128) on 2 cores, forward 160-207 -> 138-152 ms (one chunk at a time on torch's 2 threads).
+_PARALLEL_ENTRIES = 10_000
 # Static regularization of the τ pivot (the denominator of dτ), per dtype of the iterates.
 _TAU_REG = {torch.float64: 1e-12, torch.float32: 0.0}
 # Smallest λ_min/λ_max (estimated from the Cholesky factor's diagonal) of P + δI for the dual
@@ -213,7 +218,7 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
             )
     opts: dict[str, Any] = {
         "max_iters": 100, "mu": 0.0, "warm_start": None, "refine": 1,
-        "verbose": False, "n_jobs": 1, "chunk_size": None,
+        "verbose": False, "n_jobs": None, "chunk_size": None,
     }
     opts.update(_DEFAULTS[options.get("dtype") or torch.float64])
     opts.update({k: v for k, v in options.items() if v is not None})
@@ -235,7 +240,7 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
         )
     for key, low in (("max_iters", 0), ("refine", 0), ("n_jobs", 1), ("chunk_size", 1)):
         v = opts[key]
-        if key == "chunk_size" and v is None:
+        if key in ("chunk_size", "n_jobs") and v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
             kind = "non-negative" if low == 0 else "positive"
@@ -1128,9 +1133,11 @@ class NativeIPM(Backend):
       matrices stay in cache, but at least 32; with ``n_jobs > 1``, smaller chunks, down to 8
       items, so that each thread gets one; on GPUs the whole batch). Chunks are balanced and
       each gets its own factorization and differentiator.
-    - ``n_jobs``: threads solving chunks concurrently (default 1). Torch releases the GIL in
-      its kernels, so large chunks scale with free cores (set ``torch.set_num_threads(1)`` to
-      avoid oversubscription); small problems are bound by Python overhead and do not.
+    - ``n_jobs``: threads solving chunks concurrently, each with one torch intra-op thread
+      (default: on CPU, when the batch spans several default chunks of at least 10k per-item
+      matrix entries, ``torch.get_num_threads()`` (at most the available cores and chunks);
+      else 1). Torch releases the GIL in its kernels, so large chunks scale with free cores;
+      small problems are bound by Python overhead and do not.
 
     Threads: a small CPU problem (under 300k per-item matrix entries in the batch) is solved,
     and later differentiated, on one torch intra-op thread (``torch.set_num_threads(1)`` for
@@ -1183,7 +1190,17 @@ class NativeIPM(Backend):
         # costs more in synchronization than it saves (the 5x5 shortest-path LP at B = 32:
         # 10.4 ms with 2 threads, 6.6 ms with 1; the (100, 90) QP at B = 32 is 40 % slower on 1).
         small = per_item is not None and B * per_item < _ONE_THREAD_ENTRIES
-        bounds = _chunk_bounds(B, per_item, opts["chunk_size"], opts["n_jobs"])
+        n_jobs = opts["n_jobs"]
+        if n_jobs is None:
+            # Several cache-sized chunks of large per-item matrices: torch's thread budget goes
+            # to chunks, one intra-op thread each (their batched LAPACK calls release the GIL).
+            # Not smaller problems, bound by Python overhead that threads only contend for (the
+            # (50, 45) QP at B = 64: forward 24 -> 26-33 ms), nor one chunk split for threads
+            # (the (100, 90) QP at B = 32: 33 -> 37-39 ms, against torch's own two threads).
+            chunks = len(_chunk_bounds(B, per_item, opts["chunk_size"], 1)) - 1
+            n_jobs = (min(torch.get_num_threads(), _available_cores(), chunks)
+                      if per_item is not None and per_item >= _PARALLEL_ENTRIES else 1)
+        bounds = _chunk_bounds(B, per_item, opts["chunk_size"], n_jobs)
         if opts["warm_start"] is not None and len(bounds) > 2:
             opts["warm_start"] = _warm_point(opts["warm_start"], program.n, program.m, program.c)
 
@@ -1205,8 +1222,9 @@ class NativeIPM(Backend):
             return out
 
         spans = list(itertools.pairwise(bounds))
-        if len(spans) > 1 and opts["n_jobs"] > 1:
-            parts = parallel_map(lambda k: solve_chunk(*spans[k]), len(spans), opts["n_jobs"])
+        if len(spans) > 1 and n_jobs > 1:
+            with one_torch_thread():  # n_jobs threads in all, not n_jobs times torch's
+                parts = parallel_map(lambda k: solve_chunk(*spans[k]), len(spans), n_jobs)
         else:
             with one_torch_thread(small):
                 parts = [solve_chunk(lo, hi) for lo, hi in spans]

@@ -239,3 +239,33 @@ def test_auxiliaries_of_dense_rows_are_kept(differentiators):
     g0 = torch.ones(8, dtype=torch.float64, requires_grad=True)
     layer(g0)[0].sum().backward()
     assert [(d.elim, d.N - d.n - d.m) for d in differentiators] == [(None, 0)]
+
+
+def test_dense_solves_of_large_systems_are_exact_on_two_threads():
+    # torch 2.13's batched CPU LU returned zero pivots on two threads from order ~150 on (then
+    # lu_solve raised, or hung): the factorization runs on one thread (solves on any number).
+    B, n, m = 32, 150, 60
+    dims = ConeDims(nonneg=m)
+    rng = np.random.default_rng(4)
+    pa = _pattern(np.ones((m, n), dtype=bool))
+    pp = _pattern(np.eye(n, dtype=bool))
+    f64 = torch.float64
+    program = ConeProgram(pp, torch.ones(B, n, dtype=f64), torch.zeros(B, n, dtype=f64), pa,
+                          torch.tensor(rng.standard_normal((B, pa.nnz)), dtype=f64),
+                          torch.zeros(B, m, dtype=f64), dims)
+    v = torch.tensor(rng.standard_normal((B, m)), dtype=f64)
+    y = proj_dual(v, dims)
+    x = torch.zeros(B, n, dtype=f64)
+    ok = torch.ones(B, dtype=torch.bool)
+    gx, gy, gs = (torch.tensor(rng.standard_normal((B, k)), dtype=f64) for k in (n, m, m))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = KKTDifferentiator(program, x, y, y - v, ok, "dense").adjoint(gx, gy, gs)
+        torch.set_num_threads(2)
+        kkt = KKTDifferentiator(program, x, y, y - v, ok, "dense")
+        assert int(kkt.piv.min()) >= 1 and torch.get_num_threads() == 2
+        for a, b in zip(kkt.adjoint(gx, gy, gs), want):
+            assert torch.allclose(a, b, rtol=0, atol=1e-10 * b.abs().max())
+    finally:
+        torch.set_num_threads(before)

@@ -483,6 +483,25 @@ def one_torch_thread(enabled: bool = True) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+def lu_factor(J: torch.Tensor, out: tuple | None = None) -> tuple:
+    """``torch.linalg.lu_factor_ex(J, out=out)``; a CPU batch is factored on one intra-op thread.
+
+    torch 2.13's batched CPU LU on two threads returned zero pivots for matrices of order ~150
+    and more (B = 32, N = 200: Intel MKL's "Parameter 6 was incorrect on entry to DLASWP", then
+    ``lu_solve`` raised; N = 150 hung), where one thread is exact. Single matrices, and the
+    solves with the factors, are fine on several threads.
+
+    Example:
+        >>> import torch
+        >>> from diffopt.solvers.base import lu_factor
+        >>> LU, piv, info = lu_factor(torch.eye(3, dtype=torch.float64).expand(2, 3, 3))
+        >>> int(piv.min()), int(info.max())
+        (1, 0)
+    """
+    with one_torch_thread(J.device.type == "cpu" and J.dim() > 2):
+        return torch.linalg.lu_factor_ex(J, out=out)
+
+
 def _blas_limit(n_threads: int):
     """Limit BLAS/OpenMP threads within a ``with`` block (no-op without threadpoolctl)."""
     pools = _threadpools()

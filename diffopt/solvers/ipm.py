@@ -95,6 +95,7 @@ from diffopt.solvers.base import (
     Solution,
     Status,
     _available_cores,
+    lu_factor,
     one_torch_thread,
     parallel_map,
     to_numpy,
@@ -896,7 +897,7 @@ class _IPMDifferentiator:
         bottom = torch.cat((A * k.unsqueeze(2), torch.diag_embed(k - 1.0)), 2)
         K = torch.cat((top, bottom), 1)
         rhs = torch.cat((r1[idx], r2[idx]), 2).mT
-        LU, piv, info = torch.linalg.lu_factor_ex(K)
+        LU, piv, info = lu_factor(K)
         sol = torch.linalg.lu_solve(LU, piv, rhs).mT
         ok = (info == 0) & torch.isfinite(sol).all(2).all(1)
         # Reject near-singular factors: the LU solution must solve K̃ to a small backward error.

@@ -484,12 +484,14 @@ def one_torch_thread(enabled: bool = True) -> Iterator[None]:
 
 
 def lu_factor(J: torch.Tensor, out: tuple | None = None) -> tuple:
-    """``torch.linalg.lu_factor_ex(J, out=out)``; a CPU batch is factored on one intra-op thread.
+    """``torch.linalg.lu_factor_ex(J, out=out)``; a CPU batch of order 128 or more is factored
+    on one intra-op thread.
 
-    torch 2.13's batched CPU LU on two threads returned zero pivots for matrices of order ~150
+    torch 2.13's batched CPU LU on two threads returned zero pivots for matrices of order 150
     and more (B = 32, N = 200: Intel MKL's "Parameter 6 was incorrect on entry to DLASWP", then
-    ``lu_solve`` raised; N = 150 hung), where one thread is exact. Single matrices, and the
-    solves with the factors, are fine on several threads.
+    ``lu_solve`` raised; N = 150 hung; orders up to 145 were exact), where one thread is exact.
+    Smaller orders keep torch's threads (on one, the backward of the 10x10 SDP, N = 120, and of
+    the 30-asset portfolio took 20-30 % longer), as do single matrices and the solves.
 
     Example:
         >>> import torch
@@ -498,7 +500,7 @@ def lu_factor(J: torch.Tensor, out: tuple | None = None) -> tuple:
         >>> int(piv.min()), int(info.max())
         (1, 0)
     """
-    with one_torch_thread(J.device.type == "cpu" and J.dim() > 2):
+    with one_torch_thread(J.device.type == "cpu" and J.dim() > 2 and J.shape[-1] >= 128):
         return torch.linalg.lu_factor_ex(J, out=out)
 
 

@@ -28,7 +28,7 @@ from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
 from diffopt.errors import InputError, ProblemError, SolverError
 from diffopt.solvers import get_backend
-from diffopt.solvers.base import Backend, ConeProgram, SparsePattern, Status
+from diffopt.solvers.base import Backend, ConeProgram, SparsePattern, Status, one_torch_thread
 
 #: solver_args keys consumed by diffopt itself (everything else goes to the backend).
 CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
@@ -134,6 +134,7 @@ class _Call:
     y: torch.Tensor | None = None
     s: torch.Tensor | None = None
     ok: torch.Tensor | None = None
+    one_thread: bool = False  # the backend's one_thread_derivative for this solve
     _diff: object = None
 
     def differentiator(self):
@@ -202,6 +203,7 @@ class _ConeSolve(torch.autograd.Function):
             )
         call.program, call.x, call.y, call.s, call.ok = work, x, y, s, ok
         call._diff = sol.differentiator
+        call.one_thread = call.backend.one_thread_derivative(program, call.options)
         # In the solution's dtype; failed items are NaN, which is how backward and jvp find them.
         nan = torch.tensor(float("nan"), dtype=dt, device=dev)
         return tuple(torch.where(ok[:, None], t, nan) for t in (x, y, s))
@@ -233,6 +235,11 @@ class _ConeSolve(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gx, gy, gs):
+        with one_torch_thread(ctx.call.one_thread):
+            return _ConeSolve._vjp(ctx, gx, gy, gs)
+
+    @staticmethod
+    def _vjp(ctx, gx, gy, gs):
         call: _Call = ctx.call
         x, y, s, ok = _solution(ctx.saved_tensors)
 
@@ -258,6 +265,11 @@ class _ConeSolve(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dPv, dc, dAv, db, _):
+        with one_torch_thread(ctx.call.one_thread):
+            return _ConeSolve._jvp(ctx, dPv, dc, dAv, db)
+
+    @staticmethod
+    def _jvp(ctx, dPv, dc, dAv, db):
         call: _Call = ctx.call
         x, y, _s, ok = _solution(ctx.saved_tensors)
         dt = x.dtype

@@ -120,3 +120,38 @@ def test_parallel_map_nested_and_errors():
     with pytest.raises(ZeroDivisionError):
         parallel_map(fails_at_5, 1000, 2)
     assert 5 in done and len(done) < 100  # the threads stopped taking items
+
+
+def test_small_derivative_of_a_threaded_solve_runs_on_one_torch_thread(monkeypatch):
+    # See PerItemBackend.one_thread_derivative: torch's idle OpenMP workers spin after a
+    # multi-threaded op and would take a core from the next forward's solver threads.
+    from diffopt.diff import kkt
+    from diffopt.solvers import base
+
+    threads = []
+    build = kkt.KKTDifferentiator.__init__
+
+    def spy(self, *args, **kwargs):
+        threads.append(torch.get_num_threads())
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(kkt.KKTDifferentiator, "__init__", spy)
+    layer = socp_layer("clarabel")
+    p = torch.tensor(np.random.default_rng(1).standard_normal((5, 6)), requires_grad=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    grads = []
+    try:
+        for n_jobs, limit in ((2, base.ONE_THREAD_DERIVATIVE), (1, base.ONE_THREAD_DERIVATIVE),
+                              (2, 0)):
+            monkeypatch.setattr(base, "ONE_THREAD_DERIVATIVE", limit)
+            (x,) = layer(p, solver_args={"n_jobs": n_jobs})
+            (g,) = torch.autograd.grad(x.square().sum(), p)
+            grads.append(g)
+            assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    # threaded and small; serial forward; threaded but above the limit
+    assert threads == [1, 2, 2]
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-9, atol=1e-12)

@@ -250,13 +250,18 @@ def time_layers(runs: dict, fam: Family, upstream, repeats: int) -> dict:
 
     Each is warmed up once; then the timed repeats are interleaved (A, B, A, B, ...) so that a
     change in machine load hits every library alike and the ratios stay meaningful on a shared
-    CPU. Returns, per name, the median forward/backward/total times and the last outputs/grads."""
+    CPU. Each timed call follows an untimed call of the same layer, as in a training loop: the
+    threads one library leaves busy must not be charged to the next (torch's OpenMP workers spin
+    ~8 ms after a multi-threaded op; cvxpylayers' SDP forward took 38 ms after a diffopt backward
+    on two torch threads, 32 ms alone). Returns, per name, the median forward/backward/total
+    times and the last outputs/grads."""
     for layer, kw in runs.values():
         run_once(layer, fam, upstream, kw)
     samples = {name: dict(forward=[], backward=[], total=[]) for name in runs}
     last = {}
     for _ in range(repeats):
         for name, (layer, kw) in runs.items():
+            run_once(layer, fam, upstream, kw)
             f, b, outs, grads = run_once(layer, fam, upstream, kw)
             samples[name]["forward"].append(f)
             samples[name]["backward"].append(b)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import time
 
 import cvxpy as cp
 import torch
@@ -203,6 +204,14 @@ def main(argv=None) -> dict:
         print(f"saved parameters to {args.out} ({result['mode']}, {world_size} shards)")
     if distributed:
         dist.barrier()
+        # Give gloo's worker thread time to drop its last work objects (it needs the GIL to
+        # release their tensors: time.sleep lets it have it) before anything can destroy the
+        # process group. Its destructor joins that thread while holding the GIL, here when DDP's
+        # reducer is freed on return: a worker still holding a tensor then waited for the GIL
+        # forever (rank 0 hung at exit in ~1 of 20 test runs on a loaded 2-core machine; stacks:
+        # ~ProcessGroupGloo in std::thread::join, the worker in gil_scoped_acquire under
+        # ~AsyncBarrierWork).
+        time.sleep(0.5)
         dist.destroy_process_group()
     return result
 

@@ -134,13 +134,17 @@ class _Call:
     y: torch.Tensor | None = None
     s: torch.Tensor | None = None
     ok: torch.Tensor | None = None
-    one_thread: bool = False  # the backend's one_thread_derivative for this solve
     _diff: object = None
 
     def differentiator(self):
         if self._diff is None:
             self._diff = KKTDifferentiator(self.program, self.x, self.y, self.s, self.ok, self.kkt)
         return self._diff
+
+    def one_thread(self) -> bool:
+        """Whether the derivative runs on one torch thread (the backend's
+        ``one_thread_derivative`` for this solve)."""
+        return self.backend.one_thread_derivative(self.program, self.options)
 
     def record_degenerate(self) -> None:
         """Copy the differentiator's per-item degeneracy flags (set by its solves) into ``info``."""
@@ -203,7 +207,6 @@ class _ConeSolve(torch.autograd.Function):
             )
         call.program, call.x, call.y, call.s, call.ok = work, x, y, s, ok
         call._diff = sol.differentiator
-        call.one_thread = call.backend.one_thread_derivative(program, call.options)
         # In the solution's dtype; failed items are NaN, which is how backward and jvp find them.
         nan = torch.tensor(float("nan"), dtype=dt, device=dev)
         return tuple(torch.where(ok[:, None], t, nan) for t in (x, y, s))
@@ -235,7 +238,7 @@ class _ConeSolve(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gx, gy, gs):
-        with one_torch_thread(ctx.call.one_thread):
+        with one_torch_thread(ctx.call.one_thread()):
             return _ConeSolve._vjp(ctx, gx, gy, gs)
 
     @staticmethod
@@ -265,7 +268,7 @@ class _ConeSolve(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dPv, dc, dAv, db, _):
-        with one_torch_thread(ctx.call.one_thread):
+        with one_torch_thread(ctx.call.one_thread()):
             return _ConeSolve._jvp(ctx, dPv, dc, dAv, db)
 
     @staticmethod

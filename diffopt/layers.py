@@ -236,21 +236,19 @@ class CvxpyLayer(nn.Module):
                 f"parameter {p.name()!r} is declared nonpos=True but received positive values "
                 f"(max {float(val.max()):.3g})"
             )
-        if p.ndim == 2 and (p.is_symmetric() or p.is_psd()) and p.shape[0] > 1:
-            asym = float((val - val.transpose(-1, -2)).abs().max())
-            scale = max(1.0, float(val.abs().max()))
-            if asym > 1e-8 * scale:
+        # A symmetric (PSD, NSD) parameter is used through its symmetric part ½(S + Sᵀ) (see
+        # ConeTemplate._user_to_theta): any value is accepted, and only that part is checked.
+        if p.ndim == 2 and (p.is_psd() or p.is_nsd()):
+            lam = torch.linalg.eigvalsh(0.5 * (val + val.transpose(-1, -2)).double())
+            scale = max(1.0, float(lam.abs().max()))
+            kind, extreme, sign, word = (("PSD", float(lam.min()), "<", "positive") if p.is_psd()
+                                         else ("NSD", float(lam.max()), ">", "negative"))
+            if abs(extreme) > 1e-8 * scale and (extreme < 0) == p.is_psd():
                 raise InputError(
-                    f"parameter {p.name()!r} is declared symmetric but received a non-symmetric "
-                    f"value (max |S - S^T| = {asym:.3g}); symmetrize it, e.g. (S + S.T) / 2"
+                    f"parameter {p.name()!r} is declared {kind} but received a matrix with "
+                    f"eigenvalue {extreme:.3g} {sign} 0 (of its symmetric part); pass a {word} "
+                    "semidefinite matrix"
                 )
-            if p.is_psd():
-                lam = float(torch.linalg.eigvalsh(val.double()).min())
-                if lam < -1e-8 * scale:
-                    raise InputError(
-                        f"parameter {p.name()!r} is declared PSD but received a matrix with "
-                        f"eigenvalue {lam:.3g} < 0"
-                    )
 
     # -- the call -----------------------------------------------------------------------------
     def forward(self, *params: torch.Tensor, solver_args: dict | None = None,

@@ -137,16 +137,19 @@ def test_sign_attributes(simple):
         layer2(torch.tensor(0.0))
 
 
-def test_symmetric_and_psd_parameters_are_checked():
-    X = cp.Variable((2, 2), PSD=True)
-    S = cp.Parameter((2, 2), symmetric=True)
-    layer = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(X - S))), [S], [X])
-    with pytest.raises(InputError, match="declared symmetric but received a non-symmetric"):
-        layer(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+def test_psd_and_nsd_parameters_are_checked_on_their_symmetric_part():
     Pp = cp.Parameter((2, 2), PSD=True)
     Y = cp.Variable((2, 2), PSD=True)
     layer = CvxpyLayer(cp.Problem(cp.Minimize(cp.trace(Pp @ Y)), [cp.trace(Y) == 1]), [Pp], [Y])
     with pytest.raises(InputError, match="declared PSD but received a matrix with eigenvalue"):
+        layer(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+    # the symmetric part [[1, 2], [2, 1]] has eigenvalue -1 (the lower triangle alone would not)
+    with pytest.raises(InputError, match=r"eigenvalue -1 < 0 \(of its symmetric part\)"):
+        layer(torch.tensor([[1.0, 4.0], [0.0, 1.0]]))
+    layer(torch.tensor([[1.0, 0.5], [-0.5, 1.0]]))  # not symmetric, symmetric part PSD
+    Nn = cp.Parameter((2, 2), NSD=True)
+    layer = CvxpyLayer(cp.Problem(cp.Maximize(cp.trace(Nn @ Y)), [cp.trace(Y) == 1]), [Nn], [Y])
+    with pytest.raises(InputError, match="declared NSD but received a matrix with eigenvalue 1 > 0"):
         layer(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
 
 

@@ -87,11 +87,12 @@ def _check_problem(problem, parameters, variables) -> None:
     if not problem.is_dcp():
         parts = [problem.objective] + list(problem.constraints)
         bad = next(p for p in parts if not p.is_dcp())
+        hint = ("it is log-log convex (DGP): pass gp=True" if problem.is_dgp() else
+                "reformulate it (https://www.cvxpy.org/tutorial/dcp)")
         raise ProblemError(
             "the problem is not DCP (disciplined convex): "
             f"`{_culprit(bad, dpp=False)}` breaks the DCP "
-            "rules, so it is not a convex problem CVXPY can canonicalize; reformulate it "
-            "(https://www.cvxpy.org/tutorial/dcp)"
+            f"rules, so it is not a convex problem CVXPY can canonicalize; {hint}"
         )
     if not problem.is_dcp(dpp=True):
         parts = [problem.objective] + list(problem.constraints)

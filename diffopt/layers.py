@@ -12,7 +12,8 @@ from torch import nn
 from diffopt.canon import AffineMap, ConeTemplate, flatten_f, unflatten_f
 from diffopt.cones import ConeDims
 from diffopt.diff.smoothing import GradientMode, as_mode
-from diffopt.errors import InputError, ProblemError
+from diffopt.errors import InputError
+from diffopt.gp import GpReduction
 from diffopt.solve import SolveInfo, add_cols, make_call, select_backend, take_cols
 from diffopt.solvers.base import SparsePattern, plain
 
@@ -80,12 +81,12 @@ class CvxpyLayer(nn.Module):
         gp: bool = False,
     ) -> None:
         super().__init__()
-        if gp:
-            raise ProblemError(
-                "gp=True (geometric programs) is not supported; write the problem in its convex "
-                "(log-log) form as a DCP problem"
-            )
-        self.template = ConeTemplate(problem, list(parameters), list(variables))
+        self._gp = GpReduction(problem, parameters, variables) if gp else None
+        if self._gp is None:
+            self.template = ConeTemplate(problem, list(parameters), list(variables))
+        else:
+            self.template = ConeTemplate(self._gp.problem, self._gp.parameters,
+                                         self._gp.variables)
         self.parameters_ = list(parameters)
         self.solver = solver
         self.solver_args = dict(solver_args or {})
@@ -164,10 +165,10 @@ class CvxpyLayer(nn.Module):
     # -- input validation -----------------------------------------------------------------------
     def _batch(self, params: Sequence) -> tuple[list[torch.Tensor], int, bool]:
         t = self.template
-        if len(params) != len(t.param_shapes):
+        if len(params) != len(self.parameters_):
             names = [p.name() for p in self.parameters_]
             raise InputError(
-                f"expected {len(t.param_shapes)} tensors (one per parameter {names}), "
+                f"expected {len(self.parameters_)} tensors (one per parameter {names}), "
                 f"received {len(params)}"
             )
         tensors = []
@@ -209,10 +210,12 @@ class CvxpyLayer(nn.Module):
         if B == 0:
             raise InputError("batch size 0: pass at least one problem instance")
         out = []
-        for p, val in zip(self.parameters_, tensors):
+        for k, (p, val) in enumerate(zip(self.parameters_, tensors)):
             val = val.to(dtype)
             if not torch.isfinite(plain(val)).all():
                 raise InputError(f"parameter {p.name()!r} contains NaN or Inf values")
+            if self._gp is not None:
+                self._gp.check_value(k, plain(val))
             self._check_attributes(p, plain(val))
             if val.ndim == p.ndim:
                 val = val.unsqueeze(0).expand(B, *p.shape)
@@ -280,6 +283,8 @@ class CvxpyLayer(nn.Module):
         call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
                          t.P_pattern, t.A_pattern, t.dims)
         tensors, B, batched = self._batch(params)
+        if self._gp is not None:
+            tensors = self._gp.to_dcp(tensors)
         ones = tensors[0].new_ones(B, 1)
         theta = torch.cat([flatten_f(v) for v in tensors] + [ones], dim=1)
         values = self._apply_maps(theta)
@@ -296,7 +301,7 @@ class CvxpyLayer(nn.Module):
             coef = getattr(self, f"rec{k}_coef").to(src.device, src.dtype)
             val = unflatten_f(take_cols(src, idx) * coef, rec.shape)
             outs.append(val if batched else val[0])
-        return tuple(outs)
+        return tuple(outs) if self._gp is None else self._gp.from_dcp(outs)
 
 
 def _dense_pattern(rows: int, cols: int) -> SparsePattern:

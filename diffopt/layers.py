@@ -38,8 +38,11 @@ class CvxpyLayer(nn.Module):
     the requested variables, differentiable through the KKT conditions (exact gradients).
 
     Args:
-        problem: a DPP-compliant ``cvxpy.Problem``.
+        problem: a DPP-compliant ``cvxpy.Problem`` (DGP with DPP when ``gp=True``).
         parameters: the problem's ``cvxpy.Parameter`` objects, in the order of the call's tensors.
+            A ``symmetric`` (``PSD``, ``NSD``) parameter is used through the symmetric part
+            ``(S + S.T) / 2`` of its tensor, which may be any square matrix; its gradient is
+            symmetric.
         variables: ``cvxpy.Variable`` objects to return, and/or constraint duals
             (``constraint.dual_variables[0]``).
         solver: ``"auto"`` (default: the native batched solver for LPs and QPs, Clarabel for
@@ -48,6 +51,9 @@ class CvxpyLayer(nn.Module):
         gradient: the gradient mode (:mod:`diffopt.diff.smoothing`): ``"exact"`` (default, the
             KKT derivative) or a surrogate for LPs such as ``QuadraticSmoothing(gamma)``,
             ``LogBarrier(mu)``, ``Perturbed(sigma, samples)``, ``LPGD(tau)``.
+        gp: the problem is log-log convex (DGP) and is solved through CVXPY's DGP-to-DCP
+            reduction: parameters enter as their logarithms (so must be positive), variables
+            come back through ``exp``, constraint duals are those of the log-space constraints.
 
     Attributes:
         info: :class:`~diffopt.solve.SolveInfo` of the most recent call: status, iterations and

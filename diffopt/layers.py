@@ -170,7 +170,6 @@ class CvxpyLayer(nn.Module):
 
     # -- input validation -----------------------------------------------------------------------
     def _batch(self, params: Sequence) -> tuple[list[torch.Tensor], int, bool]:
-        t = self.template
         if len(params) != len(self.parameters_):
             names = [p.name() for p in self.parameters_]
             raise InputError(

@@ -6,7 +6,9 @@ A DGP problem in positive variables ``x`` and positive parameters ``a`` becomes 
 :class:`~diffopt.canon.ConeTemplate` as for any DCP problem; this module maps the user's tensors
 onto its parameters (``log``) and its solution back (``exp`` for primal variables; constraint
 duals are those of the log-space constraints, as CVXPY and cvxpylayers report them). Both maps
-are plain torch, so autograd carries the gradient through them.
+are plain torch, so autograd carries the gradient through them. A ``symmetric`` parameter
+enters as ``log S``, of which the template uses the symmetric part (off the diagonal,
+``√(S_ij S_ji)``).
 """
 
 from __future__ import annotations

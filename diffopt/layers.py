@@ -42,7 +42,7 @@ class CvxpyLayer(nn.Module):
         parameters: the problem's ``cvxpy.Parameter`` objects, in the order of the call's tensors.
             A ``symmetric`` (``PSD``, ``NSD``) parameter is used through the symmetric part
             ``(S + S.T) / 2`` of its tensor, which may be any square matrix; its gradient is
-            symmetric.
+            symmetric. (With ``gp=True``, the symmetric part of ``log S`` is used.)
         variables: ``cvxpy.Variable`` objects to return, and/or constraint duals
             (``constraint.dual_variables[0]``).
         solver: ``"auto"`` (default: the native batched solver for LPs and QPs, Clarabel for

@@ -247,3 +247,22 @@ def test_parameter_and_variable_lists_are_checked_as_for_dcp_problems():
     layer = CvxpyLayer(prob, params, variables, gp=True)
     with pytest.raises(InputError, match="expected 4 tensors"):
         layer(*box_values(np.random.default_rng(6))[:3])
+
+
+def test_symmetric_parameter_is_symmetrized_in_log_space():
+    """A symmetric S enters as log S, whose symmetric part is used: √(S_ij·S_ji) off the diagonal."""
+    x = cp.Variable(2, pos=True)
+    S = cp.Parameter((2, 2), pos=True, symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.sum(S @ x) + cp.sum(1 / x)))
+    layer = CvxpyLayer(prob, [S], [x], gp=True, solver="ecos", solver_args=BACKENDS["ecos"][0])
+    St = torch.tensor([[1.0, 0.8], [0.2, 2.0]], dtype=torch.float64, requires_grad=True)
+
+    def closed_form(S):  # x_j = (Σ_i S_ij)^(-1/2), S symmetrized geometrically
+        return (torch.sqrt(S * S.T)).sum(0) ** -0.5
+
+    (x_t,) = layer(St)
+    assert torch.allclose(x_t, closed_form(St), rtol=1e-9)
+    (g,) = torch.autograd.grad(x_t.sum(), St)
+    (g_ref,) = torch.autograd.grad(closed_form(St).sum(), St)
+    assert torch.allclose(g, g_ref, rtol=1e-7)
+    assert torch.autograd.gradcheck(lambda s: layer(s)[0], (St,), eps=1e-6, atol=1e-5, rtol=1e-4)

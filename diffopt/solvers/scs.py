@@ -8,7 +8,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from diffopt.cones import ConeDims
-from diffopt.solvers.base import ItemResult, PerItemBackend, Status
+from diffopt.solvers.base import COMMON_OPTIONS, ItemResult, PerItemBackend, Status
+
+#: SCS 3's settings (its documentation's list, and the Python wrapper's linear_solver).
+SETTINGS = frozenset({
+    "normalize", "scale", "adaptive_scale", "rho_x", "max_iters", "eps_abs", "eps_rel",
+    "eps_infeas", "alpha", "time_limit_secs", "verbose", "warm_start", "acceleration_lookback",
+    "acceleration_interval", "write_data_filename", "log_csv_filename", "linear_solver",
+})
 
 
 def _status(text: str) -> Status:
@@ -36,9 +43,16 @@ class SCSBackend(PerItemBackend):
     cones = frozenset({"zero", "nonneg", "soc", "psd", "exp"})
     quadratic_objective = True
 
+    def accepted_options(self) -> frozenset[str]:
+        return COMMON_OPTIONS | SETTINGS
+
     def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:
         import scs
 
+        unknown = sorted(set(options) - SETTINGS - {"tol"})
+        if unknown:
+            raise ValueError(f"unknown SCS option(s) {unknown}; expected tol, max_iters, "
+                             f"verbose, n_jobs or SCS settings among {sorted(SETTINGS)}")
         options = dict(options)
         tol = options.pop("tol", 1e-9)
         settings = {"eps_abs": tol, "eps_rel": tol, "eps_infeas": 1e-9,

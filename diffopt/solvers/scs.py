@@ -18,16 +18,10 @@ SETTINGS = frozenset({
 })
 
 
-def _status(text: str) -> Status:
-    if text == "solved":
-        return Status.OPTIMAL
-    if text == "solved_inaccurate":
-        return Status.INACCURATE
-    if text.startswith("infeasible"):
-        return Status.INFEASIBLE
-    if text.startswith("unbounded"):
-        return Status.UNBOUNDED
-    return Status.NUMERICAL_ERROR
+# SCS's status_val codes (scs.SOLVED, ...). SOLVED_INACCURATE is SCS's best guess when it stops
+# at max_iters or time_limit_secs before the tolerance ("solved (inaccurate - reached ...)").
+_STATUS = {1: Status.OPTIMAL, 2: Status.INACCURATE, -1: Status.UNBOUNDED, -6: Status.UNBOUNDED,
+           -2: Status.INFEASIBLE, -7: Status.INFEASIBLE}
 
 
 class SCSBackend(PerItemBackend):
@@ -75,5 +69,6 @@ class SCSBackend(PerItemBackend):
             raise ValueError(f"SCS rejected the options {options}: {err}") from err
         elapsed = time.perf_counter() - start
         info = sol["info"]
+        status = _STATUS.get(int(info["status_val"]), Status.NUMERICAL_ERROR)
         return ItemResult(np.asarray(sol["x"]), np.asarray(sol["y"])[:m], np.asarray(sol["s"])[:m],
-                          _status(str(info["status"])), int(info["iter"]), elapsed)
+                          status, int(info["iter"]), elapsed)

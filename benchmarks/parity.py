@@ -21,7 +21,7 @@ diffopt's own pytest settings do not apply):
 qpth's tests also call qpth's internals and its CVXPY reference solver, and numdifftools; when
 those are not importable they are installed with ``pip install --no-deps --target`` into the
 temporary directory. The script prints each run's counts and every test that does not pass on
-diffopt with the first line of its error.
+diffopt with the first lines of its error.
 
 Usage::
 
@@ -67,7 +67,7 @@ class Outcome:
     """Per-test results of one pytest run, read from its JUnit XML report."""
 
     passed: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # test id -> first line of the error
+    failed: dict[str, str] = field(default_factory=dict)  # test id -> first lines of the error
     skipped: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> str:
@@ -141,8 +141,10 @@ def read_report(report: Path) -> Outcome:
             problem = case.find("error")
         skip = case.find("skipped")
         if problem is not None:
-            message = (problem.get("message") or problem.text or "").strip().splitlines()
-            out.failed[name] = message[0][:300] if message else "(no message)"
+            lines = [ln.strip() for ln in (problem.get("message") or problem.text or "")
+                     .splitlines() if ln.strip()]
+            # three lines: enough for pytest.raises' expected regex and actual message
+            out.failed[name] = " | ".join(lines[:3])[:400] or "(no message)"
         elif skip is not None:
             out.skipped[name] = (skip.get("message") or "").strip()
         else:

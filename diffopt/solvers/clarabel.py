@@ -60,8 +60,8 @@ class ClarabelBackend(PerItemBackend):
         import clarabel
 
         settings = clarabel.DefaultSettings()
-        return COMMON_OPTIONS | {key for key in dir(settings)
-                                 if not key.startswith("_") and not callable(getattr(settings, key))}
+        names = (key for key in dir(settings) if not key.startswith("_"))
+        return COMMON_OPTIONS | {key for key in names if not callable(getattr(settings, key))}
 
     def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:
         import clarabel

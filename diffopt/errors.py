@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from cvxpy.error import SolverError as _CvxpySolverError
+
+try:  # diffcp (cvxpylayers' solver layer) is optional
+    from diffcp import SolverError as _DiffcpSolverError
+except ImportError:  # pragma: no cover - depends on the environment
+    _DiffcpSolverError = _CvxpySolverError
+
 
 class DiffoptError(Exception):
     """Base class of every diffopt exception.
@@ -46,8 +53,15 @@ class InputError(DiffoptError, ValueError):
     """
 
 
-class SolverError(DiffoptError, RuntimeError):
+# Code written for cvxpylayers catches diffcp's (and CVXPY's) SolverError: ours is one of both.
+_FOREIGN_SOLVER_ERRORS = tuple(dict.fromkeys((_DiffcpSolverError, _CvxpySolverError)))
+
+
+class SolverError(DiffoptError, RuntimeError, *_FOREIGN_SOLVER_ERRORS):
     """One or more items of a batch were not solved; ``failed`` maps item index to status.
+
+    It is also a ``cvxpy.error.SolverError`` and (when diffcp is installed) a
+    ``diffcp.SolverError``, so that ``except`` clauses written for cvxpylayers catch it.
 
     Attributes:
         failed: ``{item index: Status}`` of the items that did not reach an optimal solution.

@@ -285,8 +285,8 @@ class CvxpyLayer(nn.Module):
             SolverError: some item failed and ``on_failure="raise"``.
         """
         t = self.template
-        call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
-                         t.P_pattern, t.A_pattern, t.dims)
+        call = make_call(solver_args or {}, self.solver, t.P_pattern, t.A_pattern, t.dims,
+                         defaults=self.solver_args)
         tensors, B, batched = self._batch(params)
         if self._gp is not None:
             tensors = self._gp.to_dcp(tensors)
@@ -312,6 +312,26 @@ class CvxpyLayer(nn.Module):
 def _dense_pattern(rows: int, cols: int) -> SparsePattern:
     r, c = np.divmod(np.arange(rows * cols), cols)
     return SparsePattern(r, c, (rows, cols))
+
+
+def _empty_blocks(args: dict, n: int) -> set[int]:
+    """Replace the empty constraint blocks in ``args`` by None (qpth's convention:
+    ``torch.Tensor()``, shape ``(0, n)`` or, batched, ``(B, 0, n)`` for no rows) and return the
+    batch sizes that the batched ones carry."""
+    sizes = set()
+    for name, row in (("G", (0, n)), ("h", (0,)), ("A", (0, n)), ("b", (0,))):
+        val = args[name]
+        if val is None or val.numel():
+            continue
+        if val.ndim == len(row) + 1 and tuple(val.shape[1:]) == row:
+            sizes.add(int(val.shape[0]))
+        elif tuple(val.shape) not in ((0,), row):
+            raise InputError(
+                f"{name}: an empty tensor stands for no constraint rows, of shape (0,), {row} or "
+                f"(batch, *{row}); received {tuple(val.shape)}"
+            )
+        args[name] = None
+    return sizes
 
 
 class QPLayer(nn.Module):
@@ -376,9 +396,6 @@ class QPLayer(nn.Module):
         if q is None:
             raise InputError("q: the linear term is required (a tensor of shape (n,) or "
                              "(batch, n)); pass zeros for a pure quadratic objective")
-        for pair in (("G", "h"), ("A", "b")):
-            if (args[pair[0]] is None) != (args[pair[1]] is None):
-                raise InputError(f"{pair[0]} and {pair[1]} go together: pass both or neither")
         for name, val in args.items():
             if val is not None and not (isinstance(val, torch.Tensor) and val.is_floating_point()):
                 raise InputError(
@@ -389,10 +406,19 @@ class QPLayer(nn.Module):
         if q.ndim not in (1, 2):
             raise InputError(f"q: expected shape (n,) or (batch, n), received {tuple(q.shape)}")
         n = q.shape[-1]
+        sizes = _empty_blocks(args, n)
+        G, h, A, b = args["G"], args["h"], args["A"], args["b"]
+        for pair in (("G", "h"), ("A", "b")):
+            if (args[pair[0]] is None) != (args[pair[1]] is None):
+                raise InputError(f"{pair[0]} and {pair[1]} go together: pass both or neither "
+                                 "(an empty tensor counts as neither)")
+        for name in ("G", "A"):
+            if args[name] is not None and args[name].ndim not in (2, 3):
+                raise InputError(f"{name}: expected shape (rows, n) or (batch, rows, n), received "
+                                 f"{tuple(args[name].shape)}")
         m = 0 if G is None else G.shape[-2]
         p = 0 if A is None else A.shape[-2]
         expected = {"P": (n, n), "q": (n,), "G": (m, n), "h": (m,), "A": (p, n), "b": (p,)}
-        sizes = set()
         dtype = q.dtype
         for name, val in args.items():
             if val is None:
@@ -429,9 +455,9 @@ class QPLayer(nn.Module):
         Amat = torch.cat(rows_A, 1) if rows_A else q.new_zeros(B, 0, n, dtype=dtype)
         bvec = torch.cat(rows_b, 1) if rows_b else q.new_zeros(B, 0, dtype=dtype)
         dims = ConeDims(zero=p, nonneg=m)
-        call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
+        call = make_call(solver_args or {}, self.solver,
                          None if P is None else _dense_pattern(n, n), _dense_pattern(p + m, n),
-                         dims)
+                         dims, defaults=self.solver_args)
         mode = self.gradient if gradient is None else as_mode(gradient)
         try:
             Pvals = None

@@ -26,9 +26,9 @@ from torch.autograd.function import once_differentiable
 
 from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
-from diffopt.errors import InputError, ProblemError, SolverError
-from diffopt.solvers import get_backend
+from diffopt.errors import InputError, SolverError
 from diffopt.solvers.base import Backend, ConeProgram, SparsePattern, Status, one_torch_thread
+from diffopt.solvers.options import select_backend, translate
 
 #: solver_args keys consumed by diffopt itself (everything else goes to the backend).
 CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
@@ -334,24 +334,16 @@ class _KKTSolve(torch.autograd.Function):
         return outs, (0,) * len(outs)
 
 
-def select_backend(name: str, dims: ConeDims, quadratic: bool) -> Backend:
-    """The backend called ``name`` (or chosen by ``"auto"``), checked against the program."""
-    backend = get_backend(name, dims, quadratic)
-    why = backend.supports(dims, quadratic)
-    if why is not None:
-        raise ProblemError(f"{why}; choose another solver (e.g. solver='clarabel')")
-    return backend
-
-
 def make_call(solver_args: dict, solver: str, P_pattern: SparsePattern | None,
-              A_pattern: SparsePattern, dims: ConeDims) -> _Call:
-    """Split ``solver_args`` into diffopt's own options and the backend's, and pick the backend."""
-    args = dict(solver_args)
+              A_pattern: SparsePattern, dims: ConeDims, defaults: dict | None = None) -> _Call:
+    """Split ``solver_args`` (over a layer's ``defaults``; cvxpylayers' keys translated) into
+    diffopt's own options and the backend's, and pick the backend."""
+    args = {**translate(defaults or {}), **translate(solver_args)}
     own = {k: args.pop(k) for k in CALL_OPTIONS if k in args}
     on_failure = own.get("on_failure", "raise")
     if on_failure not in ("raise", "nan"):
         raise InputError(f"on_failure must be 'raise' or 'nan', received {on_failure!r}")
-    backend = select_backend(own.get("solver", solver), dims, P_pattern is not None)
+    backend = select_backend(own.get("solver", solver), dims, P_pattern is not None, args)
     return _Call(P_pattern, A_pattern, dims, backend, args, on_failure,
                  bool(own.get("allow_inaccurate", False)), own.get("kkt", "auto"))
 

@@ -200,6 +200,10 @@ class Differentiator(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
+#: Options every backend honours, each mapped to the backend's own settings.
+COMMON_OPTIONS = frozenset({"tol", "max_iters", "verbose", "n_jobs"})
+
+
 class Backend:
     """Base class for solver backends. Subclasses set the capability attributes and ``solve``.
 
@@ -229,6 +233,11 @@ class Backend:
         """Whether the derivative of this solve (the conic KKT backward and forward mode) should
         run on one torch intra-op thread; False unless a backend says otherwise."""
         return False
+
+    def accepted_options(self) -> frozenset[str]:
+        """Every ``options`` key this backend honours: the common ``tol``, ``max_iters``,
+        ``verbose``, ``n_jobs`` (each backend maps them to its own settings) and its own."""
+        return COMMON_OPTIONS
 
 
 @dataclass

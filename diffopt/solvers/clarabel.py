@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from diffopt.cones import ConeDims
-from diffopt.solvers.base import ItemResult, PerItemBackend, Status
+from diffopt.solvers.base import COMMON_OPTIONS, ItemResult, PerItemBackend, Status
 
 
 def psd_permutation(dims: ConeDims) -> np.ndarray:
@@ -55,6 +55,13 @@ class ClarabelBackend(PerItemBackend):
     name = "clarabel"
     cones = frozenset({"zero", "nonneg", "soc", "psd", "exp"})
     quadratic_objective = True
+
+    def accepted_options(self) -> frozenset[str]:
+        import clarabel
+
+        settings = clarabel.DefaultSettings()
+        names = (key for key in dir(settings) if not key.startswith("_"))
+        return COMMON_OPTIONS | {key for key in names if not callable(getattr(settings, key))}
 
     def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:
         import clarabel

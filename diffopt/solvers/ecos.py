@@ -7,7 +7,11 @@ import time
 import numpy as np
 
 from diffopt.cones import ConeDims
-from diffopt.solvers.base import ItemResult, PerItemBackend, Status
+from diffopt.solvers.base import COMMON_OPTIONS, ItemResult, PerItemBackend, Status
+
+#: ECOS's keyword settings (those of a continuous problem).
+SETTINGS = frozenset({"feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc",
+                      "reltol_inacc", "max_iters", "nitref", "verbose"})
 
 _STATUS = {0: Status.OPTIMAL, 1: Status.INFEASIBLE, 2: Status.UNBOUNDED,
            10: Status.INACCURATE, 11: Status.INFEASIBLE, 12: Status.UNBOUNDED,
@@ -34,6 +38,9 @@ class ECOSBackend(PerItemBackend):
     name = "ecos"
     cones = frozenset({"zero", "nonneg", "soc", "exp"})
     quadratic_objective = False
+
+    def accepted_options(self) -> frozenset[str]:
+        return COMMON_OPTIONS | SETTINGS
 
     def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:
         try:

@@ -1171,6 +1171,9 @@ class NativeIPM(Backend):
     cones = frozenset({"zero", "nonneg"})
     quadratic_objective = True
 
+    def accepted_options(self) -> frozenset[str]:
+        return frozenset(_OPTION_KEYS)
+
     def solve(self, program: ConeProgram, options: dict) -> Solution:
         start = time.perf_counter()
         dims = program.dims

@@ -8,19 +8,20 @@ import numpy as np
 import scipy.sparse as sp
 
 from diffopt.cones import ConeDims
-from diffopt.solvers.base import ItemResult, PerItemBackend, Status
+from diffopt.solvers.base import COMMON_OPTIONS, ItemResult, PerItemBackend, Status
+
+#: SCS 3's settings (its documentation's list, and the Python wrapper's linear_solver).
+SETTINGS = frozenset({
+    "normalize", "scale", "adaptive_scale", "rho_x", "max_iters", "eps_abs", "eps_rel",
+    "eps_infeas", "alpha", "time_limit_secs", "verbose", "warm_start", "acceleration_lookback",
+    "acceleration_interval", "write_data_filename", "log_csv_filename", "linear_solver",
+})
 
 
-def _status(text: str) -> Status:
-    if text == "solved":
-        return Status.OPTIMAL
-    if text == "solved_inaccurate":
-        return Status.INACCURATE
-    if text.startswith("infeasible"):
-        return Status.INFEASIBLE
-    if text.startswith("unbounded"):
-        return Status.UNBOUNDED
-    return Status.NUMERICAL_ERROR
+# SCS's status_val codes (scs.SOLVED, ...). SOLVED_INACCURATE is SCS's best guess when it stops
+# at max_iters or time_limit_secs before the tolerance ("solved (inaccurate - reached ...)").
+_STATUS = {1: Status.OPTIMAL, 2: Status.INACCURATE, -1: Status.UNBOUNDED, -6: Status.UNBOUNDED,
+           -2: Status.INFEASIBLE, -7: Status.INFEASIBLE}
 
 
 class SCSBackend(PerItemBackend):
@@ -36,9 +37,16 @@ class SCSBackend(PerItemBackend):
     cones = frozenset({"zero", "nonneg", "soc", "psd", "exp"})
     quadratic_objective = True
 
+    def accepted_options(self) -> frozenset[str]:
+        return COMMON_OPTIONS | SETTINGS
+
     def solve_one(self, P, c, A, b, dims: ConeDims, options: dict) -> ItemResult:
         import scs
 
+        unknown = sorted(set(options) - SETTINGS - {"tol"})
+        if unknown:
+            raise ValueError(f"unknown SCS option(s) {unknown}; expected tol, max_iters, "
+                             f"verbose, n_jobs or SCS settings among {sorted(SETTINGS)}")
         options = dict(options)
         tol = options.pop("tol", 1e-9)
         settings = {"eps_abs": tol, "eps_rel": tol, "eps_infeas": 1e-9,
@@ -61,5 +69,6 @@ class SCSBackend(PerItemBackend):
             raise ValueError(f"SCS rejected the options {options}: {err}") from err
         elapsed = time.perf_counter() - start
         info = sol["info"]
+        status = _STATUS.get(int(info["status_val"]), Status.NUMERICAL_ERROR)
         return ItemResult(np.asarray(sol["x"]), np.asarray(sol["y"])[:m], np.asarray(sol["s"])[:m],
-                          _status(str(info["status"])), int(info["iter"]), elapsed)
+                          status, int(info["iter"]), elapsed)

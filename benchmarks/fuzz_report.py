@@ -1,0 +1,74 @@
+"""Differential fuzzing report: outcome counts per family, per backend, and the first offenders.
+
+Runs the harness of ``tests/fuzz.py`` (issue 18, item 5) on ``--cases`` cases of ``--batch`` items
+per family, the dtypes alternating between cases, and prints the classification counts (right,
+correct failure, false failure, refused at an extreme scale, silent wrong, crash, undecided,
+unsupported) per family and check, then per backend, then the offending checks with what
+reproduces each.
+
+    python benchmarks/fuzz_report.py                          # 20 cases x 8 items per family
+    python benchmarks/fuzz_report.py --cases 5 --families lp socp
+    python benchmarks/fuzz_report.py --family lp --seed 1 --dtype float32   # one case, all records
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fuzz  # noqa: E402
+
+
+def _by_backend(records) -> str:
+    counts = collections.Counter((r.backend, r.outcome) for r in records)
+    rows = sorted({b for b, _ in counts})
+    lines = [f"{'backend':24s}" + "".join(f"{o[:13]:>14s}" for o in fuzz.OUTCOMES)]
+    lines += [f"{b:24s}" + "".join(f"{counts[(b, o)]:14d}" for o in fuzz.OUTCOMES) for b in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=20, help="cases per family")
+    parser.add_argument("--batch", type=int, default=8, help="items per case (one batched call)")
+    parser.add_argument("--grad", type=int, default=2, help="gradient checks per case")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (or the case's seed)")
+    parser.add_argument("--families", nargs="*", default=list(fuzz.FAMILIES))
+    parser.add_argument("--family", help="run the one case --seed of this family, print all")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                        help="only this dtype (default: alternate float64 and float32)")
+    parser.add_argument("--show", type=int, default=40, help="offending checks to list")
+    args = parser.parse_args()
+    dtypes = ((getattr(torch, args.dtype),) if args.dtype else (torch.float64, torch.float32))
+    start = time.perf_counter()
+    if args.family:
+        records = fuzz.run_case(args.family, args.seed, args.batch, dtypes[0], args.grad)
+        print(fuzz.FAMILIES[args.family](fuzz.np.random.default_rng(args.seed)).note)
+        for r in records:
+            print(r.line())
+        return
+    records = []
+    for family in args.families:
+        t0 = time.perf_counter()
+        part = fuzz.run([family], args.cases, args.batch, args.grad, args.seed, dtypes)
+        records += part
+        items = len({(r.seed, r.item) for r in part})
+        print(f"{family}: {items} items, {len(part)} checks, {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+    print(f"{len({(r.family, r.seed, r.item) for r in records})} items, {len(records)} checks "
+          f"(item x backend x check), {time.perf_counter() - start:.0f} s; cases per family "
+          f"{args.cases}, batch {args.batch}, base seed {args.seed}\n")
+    print(fuzz.summary(records, first=args.show).replace("\n\n", "\n\n" + _by_backend(records)
+                                                         + "\n\n", 1))
+
+
+if __name__ == "__main__":
+    main()

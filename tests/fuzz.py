@@ -66,11 +66,17 @@ BAD = ("false_failure", "silent_wrong", "crash")
 
 @dataclass(frozen=True)
 class Tol:
-    """Tolerances at unit scale (data entries O(1)); see :data:`TOL`."""
+    """Tolerances at unit scale (data entries O(1)); see :data:`TOL`.
 
-    value: float  # ‖x − x_ref‖∞ ≤ value · max(1, ‖x_ref‖∞), or feasible and f(x) − p* ≤ value·max(1,|p*|)
-    feas: float  # constraint violation of the answer in the reference problem
-    grad_rel: float  # |g − g_fd| ≤ grad_rel·|g_fd| + grad_abs + |one-sided gap|
+    An answer is right when ``‖x − x_ref‖∞ ≤ value·max(1, ‖x_ref‖∞)``, or when its constraint
+    violation in the reference problem is at most ``feas`` and its objective at most
+    ``p* + value·max(1, |p*|)`` (another optimal point). A directional derivative is right when
+    ``|g − g_fd| ≤ grad_rel·|g_fd| + grad_abs + |forward − backward difference|``.
+    """
+
+    value: float
+    feas: float
+    grad_rel: float
     grad_abs: float
 
 
@@ -388,7 +394,8 @@ def _draw_mixed(rng):
 
     def item(r, kind):
         C0 = r.standard_normal((2, 2))
-        return {"c": r.standard_normal(n), "G": r.standard_normal((2, n)), "h": r.standard_normal(2),
+        return {"c": r.standard_normal(n), "G": r.standard_normal((2, n)),
+                "h": r.standard_normal(2),
                 "q": np.exp(r.standard_normal(k)), "C": C0 @ C0.T + 0.1 * np.eye(2),
                 "R": np.array(r.uniform(0.5, 2.0)),
                 "beta": np.array(-1.0 if kind == "infeasible" else r.uniform(0.5, 2.0))}
@@ -806,7 +813,8 @@ def summary(records: list[Record], first: int = 12) -> str:
     """The table and the first offending records (each with what reproduces it)."""
     bad = [r for r in records if r.outcome in BAD]
     lines = [table(records), "", f"{len(bad)} offending checks (targets: 0 of {', '.join(BAD)});"
-             " reproduce one with `python benchmarks/fuzz_report.py --family F --seed S --dtype D`:"]
+             " reproduce one with `python benchmarks/fuzz_report.py --family F --seed S "
+             "--dtype D`:"]
     lines += [r.line() for r in bad[:first]]
     return "\n".join(lines)
 

@@ -3,8 +3,8 @@
 Runs the harness of ``tests/fuzz.py`` (issue 18, item 5) on ``--cases`` cases of ``--batch`` items
 per family, the dtypes alternating between cases, and prints the classification counts (right,
 correct failure, false failure, refused at an extreme scale, silent wrong, crash, undecided,
-unsupported) per family and check, then per backend, then the offending checks with what
-reproduces each.
+unsupported) per family and check, then per backend, then offending/all per family, dtype and scale band,
+then the offending checks with what reproduces each (``--json`` keeps every record).
 
     python benchmarks/fuzz_report.py                          # 20 cases x 8 items per family
     python benchmarks/fuzz_report.py --cases 5 --families lp socp
@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,6 +38,27 @@ def _by_backend(records) -> str:
     return "\n".join(lines)
 
 
+def _band(r) -> str:
+    worst = max(abs(math.log10(r.s_b)), abs(math.log10(r.s_c)))
+    scale = "unit" if worst == 0 else "1e±2..6" if worst < 7 else "1e±8"
+    return f"{r.dtype} {scale}"
+
+
+def _by_band(records) -> str:
+    """Offending / all checks per family and (dtype, scale band): where the defects live."""
+    bands = sorted({_band(r) for r in records})
+    tally = collections.defaultdict(lambda: [0, 0])
+    for r in records:
+        cell = tally[(f"{r.family}/{r.check}", _band(r))]
+        cell[0] += r.outcome in fuzz.BAD
+        cell[1] += 1
+    lines = [f"{'offending/all':24s}" + "".join(f"{b:>18s}" for b in bands)]
+    for row in sorted({k for k, _ in tally}):
+        lines.append(f"{row:24s}" + "".join(
+            f"{'%d/%d' % tuple(tally[(row, b)]):>18s}" for b in bands))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=20, help="cases per family")
@@ -46,6 +70,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float64"],
                         help="only this dtype (default: alternate float64 and float32)")
     parser.add_argument("--show", type=int, default=40, help="offending checks to list")
+    parser.add_argument("--json", help="also write every record to this file")
     args = parser.parse_args()
     dtypes = ((getattr(torch, args.dtype),) if args.dtype else (torch.float64, torch.float32))
     start = time.perf_counter()
@@ -66,8 +91,10 @@ def main() -> None:
     print(f"{len({(r.family, r.seed, r.item) for r in records})} items, {len(records)} checks "
           f"(item x backend x check), {time.perf_counter() - start:.0f} s; cases per family "
           f"{args.cases}, batch {args.batch}, base seed {args.seed}\n")
-    print(fuzz.summary(records, first=args.show).replace("\n\n", "\n\n" + _by_backend(records)
-                                                         + "\n\n", 1))
+    extra = _by_backend(records) + "\n\n" + _by_band(records)
+    print(fuzz.summary(records, first=args.show).replace("\n\n", "\n\n" + extra + "\n\n", 1))
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in records]))
 
 
 if __name__ == "__main__":

@@ -141,14 +141,6 @@ def _dual_feasible_cost(rng, G, A):
     return -G.T @ lam - A.T @ nu
 
 
-def _recession(rng, n, A):
-    """A unit direction d with ``A d = 0``."""
-    d = rng.standard_normal(n)
-    if A.size:
-        d -= np.linalg.pinv(A) @ (A @ d)
-    return d / np.linalg.norm(d)
-
-
 def _polyhedral_item(rng, n, m, p, kind, F=None):
     """Values of ``G x ≤ h, A x = b`` with a cost: feasible/bounded, infeasible or unbounded."""
     G, A = rng.standard_normal((m, n)), rng.standard_normal((p, n))
@@ -160,12 +152,14 @@ def _polyhedral_item(rng, n, m, p, kind, F=None):
     if kind == "infeasible":
         G[1] = -G[0]
     if kind == "unbounded":
-        d = _recession(rng, n, A)
-        G -= np.outer(np.maximum(G @ d, 0.0) * 1.5, d)  # every row now has g·d ≤ 0
+        # along d = e_j: A d = 0, F d = 0, G d ≤ 0 and cᵀd = −1, exactly in any dtype
+        j = int(rng.integers(n))
+        A[:, j] = 0.0
+        G[:, j] = -np.abs(G[:, j])
         c = rng.standard_normal(n)
-        c -= (c @ d + 1.0) * d  # cᵀd = −1
+        c[j] = -1.0
         if F is not None:
-            F -= np.outer(F @ d, d)  # the quadratic term is flat along d
+            F[:, j] = 0.0
     h = G @ x0 + slack
     if kind == "infeasible":
         h[1] = -h[0] - 1.0  # g₀x ≤ h₀ and g₀x ≥ h₀ + 1

@@ -47,10 +47,10 @@ def test_items_are_deterministic():
 
 @pytest.mark.parametrize("family", ["lp", "qp", "qplayer", "socp", "sdp_projection", "exp"])
 def test_drawn_kinds_match_the_reference(family):
-    """An item drawn infeasible (unbounded) is infeasible (unbounded) for the reference."""
-    for seed in range(2):
+    """An item drawn infeasible (unbounded) is so for the reference, after rounding too."""
+    for seed, dtype in ((0, torch.float64), (1, torch.float32)):
         struct = fuzz.FAMILIES[family](np.random.default_rng(seed))
-        for it in fuzz.draw_items(struct, seed, 6, torch.float64):
+        for it in fuzz.draw_items(struct, seed, 8, dtype):
             ref = fuzz.reference(struct, it.ref_values)
             assert ref.status == {"feasible": "optimal"}.get(it.kind, it.kind), (seed, it.kind)
 

@@ -27,8 +27,9 @@ dtype-rounded inputs divided back), and the layer's answer is divided by ``s_b``
 compared: one relative tolerance serves every scale, and the reference's own accuracy does not
 depend on the scale. Gradient checks compare the layer's directional derivative of a random
 ``⟨w, x⟩`` with central differences of the same tight reference solves; the gap between the two
-one-sided differences (curvature and the reference's noise) is added to the tolerance, and a
-check whose one-sided differences disagree by more than :data:`KINK` is a kink (``undecided``).
+one-sided differences and the change of the central difference when the step is halved (the
+reference's own noise and truncation) are added to the tolerance, and a check whose one-sided
+differences disagree by more than :data:`KINK` is a kink (``undecided``).
 
 Everything is seeded: a case's structure comes from ``numpy.random.default_rng(seed)`` and item
 ``i``'s values from ``default_rng([seed, i])``; :func:`run_case` with the same family, seed and
@@ -71,7 +72,7 @@ class Tol:
     An answer is right when ``‖x − x_ref‖∞ ≤ value·max(1, ‖x_ref‖∞)``, or when its constraint
     violation in the reference problem is at most ``feas`` and its objective at most
     ``p* + value·max(1, |p*|)`` (another optimal point). A directional derivative is right when
-    ``|g − g_fd| ≤ grad_rel·|g_fd| + grad_abs + |forward − backward difference|``.
+    ``|g − g_fd| ≤ grad_rel·|g_fd| + grad_abs + gap + spread`` (see :class:`FiniteDifference`).
     """
 
     value: float
@@ -725,18 +726,37 @@ def _direction(struct, item, r):
     return {k: v / norm for k, v in d.items()}
 
 
-def _finite_difference(struct, item, base, r):
-    """(direction, weights, central, forward−backward gap) of ``⟨w, x_unit⟩``, or None."""
+@dataclass
+class FiniteDifference:
+    """The reference directional derivative of ``⟨w, x_unit⟩`` along ``delta``.
+
+    ``central`` uses the step :data:`FD_STEP`; ``gap`` is ``|forward − backward|`` at that step
+    (curvature, or a kink), ``spread`` is ``|central(h) − central(h/2)|`` (truncation and the
+    reference's own noise, which is ~1e-8 in x for exponential cones).
+    """
+
+    delta: dict
+    w: list
+    central: float
+    gap: float
+    spread: float
+
+
+def _finite_difference(struct, item, base, r) -> FiniteDifference | None:
+    """Central differences of tight reference solves around ``item`` (None if one fails)."""
     delta = _direction(struct, item, r)
     w = [r.standard_normal(np.shape(x)) for x in base.x]
     f = {0.0: sum(float(np.sum(wi * xi)) for wi, xi in zip(w, base.x))}
-    for t in (FD_STEP, -FD_STEP):
+    for t in (FD_STEP, -FD_STEP, FD_STEP / 2, -FD_STEP / 2):
         rf = reference(struct, {k: v + t * delta[k] for k, v in item.ref_values.items()})
         if rf.status != "optimal":
             return None
         f[t] = sum(float(np.sum(wi * xi)) for wi, xi in zip(w, rf.x))
-    forward, backward = (f[FD_STEP] - f[0.0]) / FD_STEP, (f[0.0] - f[-FD_STEP]) / FD_STEP
-    return delta, w, (forward + backward) / 2, abs(forward - backward)
+    h = FD_STEP
+    forward, backward = (f[h] - f[0.0]) / h, (f[0.0] - f[-h]) / h
+    half = (f[h / 2] - f[-h / 2]) / h
+    return FiniteDifference(delta, w, (forward + backward) / 2, abs(forward - backward),
+                            abs((forward + backward) / 2 - half))
 
 
 def _grad_records(struct, items, fds, checked, tensors, outs, tol, loosen, rec):
@@ -745,7 +765,7 @@ def _grad_records(struct, items, fds, checked, tensors, outs, tol, loosen, rec):
     for i in checked:
         if fds[i] is None:
             continue
-        _, w, _, _ = fds[i]
+        w = fds[i].w
         for o, wi in zip(outs, w):
             loss = loss + (o[i] * torch.as_tensor(wi, dtype=o.dtype)).sum()
     if not torch.is_tensor(loss):
@@ -765,13 +785,13 @@ def _grad_records(struct, items, fds, checked, tensors, outs, tol, loosen, rec):
         if fds[i] is None:
             records.append(rec(i, "undecided", "reference failed at a finite-difference point"))
             continue
-        delta, _, central, gap = fds[i]
-        it = items[i]
+        fd, it = fds[i], items[i]
+        central, gap = fd.central, fd.gap
         layer_dir = 0.0
         for (name, p), g in zip(struct.params.items(), grads):
             if g is not None:
                 f = _factor(p, it.s_b, it.s_c)
-                layer_dir += float((g[i].double() * torch.as_tensor(delta[name] * f)).sum())
+                layer_dir += float((g[i].double() * torch.as_tensor(fd.delta[name] * f)).sum())
         layer_dir /= it.s_b  # the derivative of ⟨w, x_unit⟩ = ⟨w, x⟩ / s_b
         if gap > KINK * (1 + abs(central)):
             records.append(rec(i, "undecided", f"kink: one-sided differences differ by {gap:.1e}"))
@@ -779,7 +799,7 @@ def _grad_records(struct, items, fds, checked, tensors, outs, tol, loosen, rec):
             records.append(rec(i, "crash", f"non-finite gradient {layer_dir}"))
         else:
             err = abs(layer_dir - central)
-            bound = loosen * (tol.grad_rel * abs(central) + tol.grad_abs) + gap
+            bound = loosen * (tol.grad_rel * abs(central) + tol.grad_abs) + gap + fd.spread
             records.append(rec(i, "right" if err <= bound else "silent_wrong",
                                "" if err <= bound else
                                f"directional derivative {layer_dir:.6g}, finite differences "

@@ -90,5 +90,6 @@ def test_finite_differences_match_a_closed_form():
                             lambda r, kind: {"z": r.standard_normal(3)})
     it = fuzz.draw_items(struct, 0, 1, torch.float64)[0]
     ref = fuzz.reference(struct, it.ref_values)
-    delta, w, central, gap = fuzz._finite_difference(struct, it, ref, np.random.default_rng(1))
-    assert abs(central - float(w[0] @ delta["z"])) < 1e-6 and gap < 1e-6
+    fd = fuzz._finite_difference(struct, it, ref, np.random.default_rng(1))
+    assert abs(fd.central - float(fd.w[0] @ fd.delta["z"])) < 1e-6
+    assert fd.gap < 1e-6 and fd.spread < 1e-6

@@ -39,9 +39,8 @@ def _by_backend(records) -> str:
 
 
 def _band(r) -> str:
-    worst = max(abs(math.log10(r.s_b)), abs(math.log10(r.s_c)))
-    scale = "unit" if worst == 0 else "1e±2..6" if worst < 7 else "1e±8"
-    return f"{r.dtype} {scale}"
+    worst = round(max(abs(math.log10(r.s_b)), abs(math.log10(r.s_c))))
+    return f"f{r.dtype[5:]} {'unit' if worst == 0 else f'1e±{worst}'}"
 
 
 def _by_band(records) -> str:
@@ -52,10 +51,10 @@ def _by_band(records) -> str:
         cell = tally[(f"{r.family}/{r.check}", _band(r))]
         cell[0] += r.outcome in fuzz.BAD
         cell[1] += 1
-    lines = [f"{'offending/all':24s}" + "".join(f"{b:>18s}" for b in bands)]
+    lines = [f"{'offending/all':24s}" + "".join(f"{b:>10s}" for b in bands)]
     for row in sorted({k for k, _ in tally}):
         lines.append(f"{row:24s}" + "".join(
-            f"{'%d/%d' % tuple(tally[(row, b)]):>18s}" for b in bands))
+            f"{'%d/%d' % tuple(tally[(row, b)]):>10s}" for b in bands))
     return "\n".join(lines)
 
 
@@ -71,6 +70,7 @@ def main() -> None:
                         help="only this dtype (default: alternate float64 and float32)")
     parser.add_argument("--show", type=int, default=40, help="offending checks to list")
     parser.add_argument("--json", help="also write every record to this file")
+    parser.add_argument("--load", help="print the tables of records saved with --json")
     args = parser.parse_args()
     dtypes = ((getattr(torch, args.dtype),) if args.dtype else (torch.float64, torch.float32))
     start = time.perf_counter()
@@ -81,6 +81,9 @@ def main() -> None:
             print(r.line())
         return
     records = []
+    if args.load:
+        records = [fuzz.Record(**r) for r in json.loads(Path(args.load).read_text())]
+        args.families = []
     for family in args.families:
         t0 = time.perf_counter()
         part = fuzz.run([family], args.cases, args.batch, args.grad, args.seed, dtypes)
@@ -88,9 +91,10 @@ def main() -> None:
         items = len({(r.seed, r.item) for r in part})
         print(f"{family}: {items} items, {len(part)} checks, {time.perf_counter() - t0:.0f} s",
               file=sys.stderr, flush=True)
-    print(f"{len({(r.family, r.seed, r.item) for r in records})} items, {len(records)} checks "
-          f"(item x backend x check), {time.perf_counter() - start:.0f} s; cases per family "
-          f"{args.cases}, batch {args.batch}, base seed {args.seed}\n")
+    if not args.load:
+        print(f"{len({(r.family, r.seed, r.item) for r in records})} items, {len(records)} "
+              f"checks (item x backend x check), {time.perf_counter() - start:.0f} s; cases per "
+              f"family {args.cases}, batch {args.batch}, base seed {args.seed}\n")
     extra = _by_backend(records) + "\n\n" + _by_band(records)
     print(fuzz.summary(records, first=args.show).replace("\n\n", "\n\n" + extra + "\n\n", 1))
     if args.json:

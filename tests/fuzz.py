@@ -637,9 +637,11 @@ def run_case(family: str, seed: int, batch: int = 6, dtype=torch.float64, grad: 
     refs = [reference(struct, it.ref_values) for it in items]
 
     def rec(i, backend, check, outcome, detail=""):
-        it = items[i] if i is not None else items[0]
-        return Record(family, seed, -1 if i is None else i, backend, dname, check,
-                      it.kind, it.s_b, it.s_c, outcome, detail)
+        if i is None:  # the whole case (the layer could not be built)
+            return Record(family, seed, -1, backend, dname, check, "-", 1.0, 1.0, outcome, detail)
+        it = items[i]
+        return Record(family, seed, i, backend, dname, check, it.kind, it.s_b, it.s_c, outcome,
+                      detail)
 
     if struct.qp:
         layer = QPLayer()
@@ -715,10 +717,10 @@ def _direction(struct, item, r):
     d = {}
     for name, p in struct.params.items():
         v = r.standard_normal(p.shape)
-        if p.attrs.get("symmetric") or (struct.qp and name == "P"):
+        if p.attrs.get("symmetric"):
             v = _sym(v)
         if struct.qp and name == "P":
-            v = 0.0 * v  # P must stay PSD for the reference; its gradient is checked by q, G, h
+            v = np.zeros(p.shape)  # P must stay PSD for the reference; q, G, h, A, b move
         d[name] = v
     if struct.tie is not None:
         d = struct.tie(d)

@@ -793,7 +793,7 @@ def _proj_pow(v: Tensor, alpha: Tensor) -> Tensor:
     )
     x, y, _ = flat_v.unbind(-1)
     plane = torch.stack([x.clamp(min=0), y.clamp(min=0), torch.zeros_like(x)], dim=-1)
-    out = torch.where(root.hard[..., None], point * root.scale[..., None], torch.zeros_like(v))
+    out = torch.where(root.hard[..., None], point * root.scale[..., None], torch.zeros_like(flat_v))
     out = torch.where(flat[..., None], plane, out)
     out = torch.where(in_k[..., None], flat_v, out)
     return out.reshape(shape)

@@ -280,7 +280,8 @@ def _pow_cone_problem():
         z[..., 2] = 3 + np.abs(z[..., 2])
         return [z]
 
-    return prob, [z], [x, con.dual_variables[0]], sample
+    # PowCone3D has one dual variable per coordinate (x, y, z rows); return all three.
+    return prob, [z], [x, *con.dual_variables], sample
 
 
 PROBLEMS = {"power": _power_problem, "pnorm": _pnorm_problem, "geo_mean": _geo_mean_problem,

@@ -678,9 +678,9 @@ def _dproj_exp(v: Tensor) -> Tensor:
 # (as v0 ∉ K). Every root gives an orthogonal pair p ∈ ∂K, v0 - p ∈ ∂K°, i.e. the Moreau
 # decomposition, which is unique: so is the root, and bisection on the sign of Φ finds it.
 #
-# The root can lie closer to either end than a float resolves (for small α, p_x ≈ (r/p_y)^{1/α}
-# and μ ∝ p_x underflow relative to |z0|), so the search runs on s = log(r/μ), with r and μ
-# and the sign of Φ evaluated through logarithms.
+# The root can lie closer to either end than a float near |z0| resolves (for small α,
+# p_x ≈ (r/p_y)^{1/α} and μ ∝ p_x can be 1e-26 |z0|), so the search runs on s = log(r/μ), with
+# r, μ and the sign of Φ evaluated through logarithms.
 
 # Half-width of the bracket of s: e^{-1500} is far below any float's smallest positive number.
 _POW_S_MAX = 1500.0
@@ -865,7 +865,7 @@ def _dproj_pow(v: Tensor, alpha: Tensor) -> Tensor:
 
     eye = torch.eye(3, dtype=v.dtype, device=v.device)
     plane_jac = _pow_plane_jac(flat_v, alpha)
-    # Only when every logarithm underflowed (a point at the plane's edge): the plane's limit.
+    # A guard (no test point reaches it): a non-finite formula falls back to the plane's limit.
     out = torch.where(torch.isfinite(jac).all(-1).all(-1)[..., None, None], jac, plane_jac)
     out = torch.where(root.hard[..., None, None], out, torch.zeros_like(jac))
     out = torch.where(flat[..., None, None], plane_jac, out)

@@ -9,7 +9,8 @@ The standard form used throughout diffopt is
     \\qquad y \\in \\mathcal K^*,
 
 with the rows of ``A`` (and of ``s``, ``y``) ordered as: zero cone, nonnegative cone, second-order
-cones, PSD cones (in ``svec`` coordinates), exponential cones (three rows each, ``(x, y, z)``).
+cones, PSD cones (in ``svec`` coordinates), exponential cones (three rows each, ``(x, y, z)``),
+3D power cones (three rows each, ``(x, y, z)``).
 
 Everything here is plain torch on the inputs' dtype and device; a batch is the leading dimension
 of a ``(B, m)`` tensor. Cones of the same kind and size are processed together, so the cost of a
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +39,7 @@ __all__ = [
     "svec",
 ]
 
-_KINDS = ("zero", "nonneg", "soc", "psd", "exp")
+_KINDS = ("zero", "nonneg", "soc", "psd", "exp", "pow")
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +71,25 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _check_alphas(alphas: Any) -> tuple[float, ...]:
+    """Return the power cones' exponents as a tuple of floats, each in (0, 1), or raise."""
+    if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__iter__"):
+        raise ValueError(
+            f"ConeDims.pow: expected a sequence of exponents such as (0.5, 0.25), received "
+            f"{alphas!r}; wrap a single exponent in a tuple."
+        )
+    out = []
+    for i, a in enumerate(alphas):
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 < a < 1:
+            raise ValueError(
+                f"ConeDims.pow[{i}]: expected an exponent α strictly between 0 and 1, received "
+                f"{a!r}; the cone x^α y^(1-α) >= |z| needs 0 < α < 1 (at α = 0 or 1 it is "
+                "polyhedral: write linear constraints instead)."
+            )
+        out.append(float(a))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ConeDims:
     """Sizes of the cones of a standard-form cone program, in row order.
@@ -80,13 +101,15 @@ class ConeDims:
             1-dimensional SOC is ``{t >= 0}``).
         psd: Order ``k`` of each PSD cone; each uses ``k (k + 1) / 2`` rows (see :func:`svec`).
         exp: Number of exponential cones, three rows ``(x, y, z)`` each.
+        pow: The exponent ``α ∈ (0, 1)`` of each 3D power cone
+            ``{(x, y, z): x^α y^(1-α) >= |z|, x, y >= 0}``, three rows ``(x, y, z)`` each.
 
     Examples:
-        >>> dims = ConeDims(zero=1, nonneg=2, soc=(3,), psd=(2,), exp=1)
+        >>> dims = ConeDims(zero=1, nonneg=2, soc=(3,), psd=(2,), exp=1, pow=(0.5, 0.25))
         >>> dims.size
-        12
+        18
         >>> sorted(dims.kinds())
-        ['exp', 'nonneg', 'psd', 'soc', 'zero']
+        ['exp', 'nonneg', 'pow', 'psd', 'soc', 'zero']
     """
 
     zero: int = 0
@@ -94,6 +117,7 @@ class ConeDims:
     soc: tuple[int, ...] = ()
     psd: tuple[int, ...] = ()
     exp: int = 0
+    pow: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalize lists (as CVXPY gives them) to tuples so that ConeDims stays hashable.
@@ -108,6 +132,7 @@ class ConeDims:
                 )
             sizes = tuple(_check_count(f"{name}[{i}]", q, 1) for i, q in enumerate(sizes))
             object.__setattr__(self, name, sizes)
+        object.__setattr__(self, "pow", _check_alphas(self.pow))
 
     @property
     def size(self) -> int:
@@ -118,17 +143,19 @@ class ConeDims:
             + sum(self.soc)
             + sum(k * (k + 1) // 2 for k in self.psd)
             + 3 * self.exp
+            + 3 * len(self.pow)
         )
 
     def kinds(self) -> frozenset[str]:
         """The cone kinds with at least one row, a subset of ``{"zero", "nonneg", "soc", "psd",
-        "exp"}``."""
+        "exp", "pow"}``."""
         present = {
             "zero": self.zero > 0,
             "nonneg": self.nonneg > 0,
             "soc": len(self.soc) > 0,
             "psd": len(self.psd) > 0,
             "exp": self.exp > 0,
+            "pow": len(self.pow) > 0,
         }
         return frozenset(k for k in _KINDS if present[k])
 
@@ -138,17 +165,18 @@ class ConeDims:
 
         Args:
             dims: An object with attributes ``zero``, ``nonneg``, ``soc``, ``psd``, ``exp`` and
-                optionally ``p3d`` / ``pnd`` (power cones).
+                optionally ``p3d`` (the α of each 3D power cone) and ``pnd``.
 
         Raises:
-            ValueError: If the problem has power cones, which diffopt does not support yet.
+            ValueError: If the problem has n-dimensional power cones (``pnd``), which only
+                solvers that CVXPY does not lower them for produce.
         """
-        power = list(getattr(dims, "p3d", None) or []) + list(getattr(dims, "pnd", None) or [])
-        if power:
+        nd = list(getattr(dims, "pnd", None) or [])
+        if nd:
             raise ValueError(
-                "power cones are not supported yet; received a problem with "
-                f"{len(power)} power cone(s). Reformulate the power constraints (e.g. with "
-                "geometric-mean or SOC-representable atoms) or use cvxpylayers for this problem."
+                f"n-dimensional power cones are not supported; received {len(nd)} of them. "
+                "Canonicalize for SCS (problem.get_problem_data(solver=cvxpy.SCS)), which "
+                "lowers them to 3D power cones."
             )
         return cls(
             zero=dims.zero,
@@ -156,6 +184,7 @@ class ConeDims:
             soc=tuple(dims.soc),
             psd=tuple(dims.psd),
             exp=dims.exp,
+            pow=tuple(getattr(dims, "p3d", None) or ()),
         )
 
 
@@ -240,23 +269,28 @@ def smat(v: Tensor, k: int) -> Tensor:
 
 @dataclass(frozen=True)
 class _Group:
-    """Cones of one kind and block size ``n``: ``rows[j]`` are the rows of the j-th cone."""
+    """Cones of one kind and block size ``n``: ``rows[j]`` are the rows of the j-th cone.
+
+    ``alpha`` holds the power cones' exponents, one per cone (float64, CPU; empty otherwise).
+    """
 
     kind: str
     n: int
     rows: Tensor  # (count, n) long, CPU
     offsets: tuple[int, ...]  # first row of each cone, in the order of ``rows``
+    alpha: Tensor  # (count,) float64, CPU
 
 
 @functools.lru_cache(maxsize=64)
 def _layout(dims: ConeDims) -> tuple[_Group, ...]:
-    """Group the SOC / PSD / exp cones of ``dims`` by (kind, block size)."""
+    """Group the SOC / PSD / exp / power cones of ``dims`` by (kind, block size)."""
     offset = dims.zero + dims.nonneg
     starts: dict[tuple[str, int], list[int]] = {}
     for kind, sizes in (
         ("soc", dims.soc),
         ("psd", tuple(k * (k + 1) // 2 for k in dims.psd)),
         ("exp", (3,) * dims.exp),
+        ("pow", (3,) * len(dims.pow)),
     ):
         for n in sizes:
             starts.setdefault((kind, n), []).append(offset)
@@ -267,6 +301,7 @@ def _layout(dims: ConeDims) -> tuple[_Group, ...]:
             n,
             torch.tensor(firsts, dtype=torch.long)[:, None] + torch.arange(n),
             tuple(firsts),
+            torch.tensor(dims.pow if kind == "pow" else (), dtype=torch.float64),
         )
         for (kind, n), firsts in starts.items()
     )
@@ -627,18 +662,233 @@ def _dproj_exp(v: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# 3D power cone
+# --------------------------------------------------------------------------------------------
+#
+# K_α = {(x, y, z): x^α y^(1-α) >= |z|, x, y >= 0},
+# K_α* = {(u, v, w): (u/α)^α (v/(1-α))^(1-α) >= |w|, u, v >= 0},  polar K° = -K*.
+# Outside K, K° and the plane z0 = 0, the projection p of v0 lies on the boundary of K with
+# p_x, p_y > 0 and |p_z| = r ∈ (0, |z0|). Stationarity of ½||p - v0||² + μ (|p_z| - p_x^α p_y^(1-α))
+# gives μ = |z0| - r and, with p_x^α p_y^(1-α) = r,
+#
+#     p_x = x(r) = ½ (x0 + sqrt(x0² + 4 α r μ)),   p_y = y(r) = ½ (y0 + sqrt(y0² + 4 (1-α) r μ)),
+#
+# so r is a root of Φ(r) = x(r)^α y(r)^(1-α) - r on (0, |z0|) (Hien 2015, "Differential properties
+# of Euclidean projection onto power cone"). Φ > 0 for small r > 0 (as v0 ∉ K°) and Φ(|z0|) < 0
+# (as v0 ∉ K). Every root gives an orthogonal pair p ∈ ∂K, v0 - p ∈ ∂K°, i.e. the Moreau
+# decomposition, which is unique: so is the root, and bisection on the sign of Φ finds it.
+#
+# The root can lie closer to either end than a float near |z0| resolves (for small α,
+# p_x ≈ (r/p_y)^{1/α} and μ ∝ p_x can be 1e-26 |z0|), so the search runs on s = log(r/μ), with
+# r, μ and the sign of Φ evaluated through logarithms.
+
+# Half-width of the bracket of s: e^{-1500} is far below any float's smallest positive number.
+_POW_S_MAX = 1500.0
+
+
+def _softplus(t: Tensor) -> Tensor:
+    """``log(1 + e^t)`` to full precision (torch's softplus switches to ``t`` at ``t > 20``)."""
+    return t.clamp(min=0) + torch.log1p(torch.exp(-t.abs()))
+
+
+def _pow_log_xy(
+    lr: Tensor, lm: Tensor, x0: Tensor, y0: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``log x(r)`` and ``log y(r)`` from ``log r`` and ``log μ``, with no cancellation for
+    negative ``x0, y0`` and no underflow of ``r μ``."""
+
+    def part(c0: Tensor, k: Tensor) -> Tensor:
+        lprod = lr + lm + torch.log(4 * k)  # log(4 k r μ)
+        disc = torch.sqrt(c0 * c0 + torch.exp(lprod))
+        # c0 < 0: ½ (c0 + disc) cancels; (disc - c0)(disc + c0) = 4 k r μ gives it exactly.
+        neg = lprod - torch.log(2 * torch.where(c0 < 0, disc - c0, 1.0))
+        pos = torch.log(0.5 * (c0 + disc))
+        return torch.where(c0 < 0, neg, torch.where(c0 > 0, pos, 0.5 * lprod - math.log(2)))
+
+    return part(x0, alpha), part(y0, 1 - alpha)
+
+
+@dataclass
+class _PowRoot:
+    """The root case of the power-cone projection of ``(N, 3)`` points.
+
+    ``hard`` marks the points of that case. For them, in coordinates scaled by ``1 / scale``
+    (``max |v_i| = 1``), the projection is ``(x, y, sign · r)``, ``mu = |z0| - r``, and ``log_*``
+    are the logarithms of ``x, y, r, mu`` (finite where the values underflow). The other points
+    carry a harmless stand-in.
+    """
+
+    hard: Tensor
+    log_x: Tensor
+    log_y: Tensor
+    log_r: Tensor
+    log_mu: Tensor
+    sign: Tensor
+    scale: Tensor
+
+
+def _pow_root(x0: Tensor, y0: Tensor, z0: Tensor, alpha: Tensor) -> tuple[Tensor, ...]:
+    """Solve ``Φ(r) = 0`` on ``(0, |z0|)`` by bisection on ``s = log(r / μ)``.
+
+    Returns ``(log x, log y, log r, log μ)`` at the root. ``r = |z0| σ(s)`` and ``μ = |z0| σ(-s)``
+    keep their relative precision wherever the root is; the bisection stops at machine
+    precision in ``s``.
+    """
+    log_a = torch.log(z0.abs())
+    lo = torch.full_like(log_a, -_POW_S_MAX)
+    hi = torch.full_like(log_a, _POW_S_MAX)
+    eps = torch.finfo(z0.dtype).eps
+
+    def at(s: Tensor) -> tuple[Tensor, ...]:
+        lr, lm = log_a - _softplus(-s), log_a - _softplus(s)
+        return (*_pow_log_xy(lr, lm, x0, y0, alpha), lr, lm)
+
+    for it in range(200):  # log2(3000 / eps) ≈ 64 halvings suffice in float64
+        mid = 0.5 * (lo + hi)
+        lx, ly, lr, _ = at(mid)
+        positive = alpha * lx + (1 - alpha) * ly > lr
+        lo = torch.where(positive, mid, lo)
+        hi = torch.where(positive, hi, mid)
+        if it % 8 == 7 and bool(((hi - lo) <= 2 * eps * mid.abs().clamp(min=1.0)).all()):
+            break
+    return at(0.5 * (lo + hi))
+
+
+def _pow_regions(v: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Masks (in K, in the polar K°, on the plane z = 0 outside both) for ``(N, 3)`` points."""
+    x, y, z = v.unbind(-1)
+    az, beta = z.abs(), 1 - alpha
+    in_k = (x >= 0) & (y >= 0) & (x.clamp(min=0) ** alpha * y.clamp(min=0) ** beta >= az)
+    in_polar = (
+        (x <= 0) & (y <= 0)
+        & ((-x / alpha).clamp(min=0) ** alpha * (-y / beta).clamp(min=0) ** beta >= az)
+    )
+    flat = (z == 0) & ~in_k & ~in_polar
+    return in_k, in_polar, flat
+
+
+def _pow_solve(v: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, _PowRoot]:
+    """Regions (in K, on the plane) and the root case of the projection of ``(N, 3)`` points
+    onto ``K_α`` (``alpha``: ``(N,)``)."""
+    in_k, in_polar, flat = _pow_regions(v, alpha)
+    hard = ~(in_k | in_polar | flat)
+    # Π is positively homogeneous: root-search unit-scale points; (0, 0, 1) stands in for others.
+    scale = v.abs().amax(dim=-1)
+    scale = torch.where(hard, scale, 1.0)
+    w = torch.where(hard[..., None], v / scale[..., None], v.new_tensor([0.0, 0.0, 1.0]))
+    x0, y0, z0 = w.unbind(-1)
+    lx, ly, lr, lm = _pow_root(x0, y0, z0, alpha)
+    sign = torch.where(z0 < 0, -1.0, 1.0).to(v.dtype)
+    return in_k, flat, _PowRoot(hard, lx, ly, lr, lm, sign, scale)
+
+
+def _proj_pow(v: Tensor, alpha: Tensor) -> Tensor:
+    """Project ``(..., 3)`` points onto ``K_α``; ``alpha`` broadcasts against ``v[..., 0]``."""
+    shape = v.shape
+    flat_v = v.reshape(-1, 3)
+    alpha = torch.broadcast_to(alpha.to(v), shape[:-1]).reshape(-1)
+    in_k, flat, root = _pow_solve(flat_v, alpha)
+    point = torch.stack(
+        [torch.exp(root.log_x), torch.exp(root.log_y), root.sign * torch.exp(root.log_r)], dim=-1
+    )
+    x, y, _ = flat_v.unbind(-1)
+    plane = torch.stack([x.clamp(min=0), y.clamp(min=0), torch.zeros_like(x)], dim=-1)
+    out = torch.where(root.hard[..., None], point * root.scale[..., None], torch.zeros_like(flat_v))
+    out = torch.where(flat[..., None], plane, out)
+    out = torch.where(in_k[..., None], flat_v, out)
+    return out.reshape(shape)
+
+
+def _pow_plane_jac(v: Tensor, alpha: Tensor) -> Tensor:
+    """The limit of ``DΠ_K`` at a point ``(x0, y0, 0)`` with ``x0 y0 < 0`` as ``z0 → 0``.
+
+    For ``x0 < 0 < y0``: ``p → (0, y0, 0)`` and the root satisfies ``r / |z0| → 0`` if
+    ``α > ½``, ``→ 1`` if ``α < ½`` and ``→ y0 / (2|x0| + y0)`` if ``α = ½`` (expand ``Φ`` for
+    small ``z0``), so the limit is ``diag(0, 1, c)`` with ``c`` that ratio. The case
+    ``y0 < 0 < x0`` is the mirror image (swap x with y and α with 1 - α).
+    """
+    x, y, _ = v.unbind(-1)
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+
+    def ratio(neg: Tensor, pos: Tensor, k: Tensor) -> Tensor:  # neg < 0 < pos; k: neg's exponent
+        half = pos / torch.where(pos > 0, 2 * neg.abs() + pos, 1.0)
+        return torch.where(k > 0.5, zero, torch.where(k < 0.5, one, half))
+
+    c = torch.where(x < 0, ratio(x, y, alpha), ratio(y, x, 1 - alpha))
+    c = torch.where((x < 0) ^ (y < 0), c, zero)
+    return torch.diag_embed(torch.stack([(x > 0).to(v.dtype), (y > 0).to(v.dtype), c], dim=-1))
+
+
+def _dproj_pow(v: Tensor, alpha: Tensor) -> Tensor:
+    """Jacobian ``(..., 3, 3)`` of the projection onto ``K_α``.
+
+    Identity in K, zero in K°, the limit :func:`_pow_plane_jac` on the plane ``z0 = 0``.
+    Otherwise ``p`` solves ``min ½||p - v0||²  s.t.  f(p) = σ p_z - p_x^α p_y^(1-α) <= 0``
+    (``σ = sign z0``) with the constraint active; differentiating ``p - v0 + μ ∇f(p) = 0``,
+    ``f(p) = 0`` gives ``dp = (H⁻¹ - H⁻¹n nᵀH⁻¹ / nᵀH⁻¹n) dv0`` with ``H = I + μ ∇²f`` and
+    ``n ∥ ∇f``. At ``p = (x, y, σ r)``: ``∇f = (-α r / x, -(1-α) r / y, σ)`` and
+    ``∇²f = α (1-α) r w̃ w̃ᵀ``, ``w̃ = (1/x, -1/y, 0)``, a rank-one matrix. In the orthonormal
+    basis ``e1 = (x, y, 0) / ρ``, ``e2 = (0, 0, 1)``, ``e3 = (y, -x, 0) / ρ`` (``ρ = |(x, y)|``),
+    with ``D = (xy)² + μ α (1-α) r ρ²`` and ``t = r ((1-α) x² - α y²) / ρ``:
+
+    ``H⁻¹ = diag(1, 1, (xy)² / D)``,  ``n = (-r / ρ, σ, t / (xy))``,
+    ``H⁻¹n = (-r / ρ, σ, t xy / D)``,  ``nᵀH⁻¹n = r² / ρ² + 1 + t² / D >= 1``.
+
+    ``xy`` and ``D`` are formed from logarithms, so a tiny ``x`` or ``y`` (small α) neither
+    underflows nor cancels. The result is symmetric with eigenvalues in [0, 1].
+    """
+    shape = v.shape
+    flat_v = v.reshape(-1, 3)
+    alpha = torch.broadcast_to(alpha.to(v), shape[:-1]).reshape(-1)
+    beta = 1 - alpha
+    in_k, flat, root = _pow_solve(flat_v, alpha)
+    lx, ly = root.log_x, root.log_y
+    log_rho = 0.5 * torch.logaddexp(2 * lx, 2 * ly)
+    ex, ey = torch.exp(lx - log_rho), torch.exp(ly - log_rho)  # (x, y) / ρ
+    r = torch.exp(root.log_r)
+    t = r * (beta * torch.exp(lx) * ex - alpha * torch.exp(ly) * ey)
+    log_d = torch.logaddexp(
+        2 * (lx + ly), root.log_mu + torch.log(alpha * beta) + root.log_r + 2 * log_rho
+    )
+    lam = torch.exp(2 * (lx + ly) - log_d)
+    hn = torch.stack([-r * torch.exp(-log_rho), root.sign, t * torch.exp(lx + ly - log_d)], -1)
+    inner = 1 + hn[..., 0] ** 2 + t * t * torch.exp(-log_d)
+    one, zero = torch.ones_like(r), torch.zeros_like(r)
+    jac_basis = torch.diag_embed(torch.stack([one, one, lam], -1))
+    jac_basis = jac_basis - hn[..., :, None] * hn[..., None, :] / inner[..., None, None]
+    Q = torch.stack(
+        [torch.stack([ex, ey, zero], -1), torch.stack([zero, zero, one], -1),
+         torch.stack([ey, -ex, zero], -1)],
+        dim=-1,
+    )  # columns e1, e2, e3
+    jac = Q @ jac_basis @ Q.mT
+
+    eye = torch.eye(3, dtype=v.dtype, device=v.device)
+    plane_jac = _pow_plane_jac(flat_v, alpha)
+    # A guard (no test point reaches it): a non-finite formula falls back to the plane's limit.
+    out = torch.where(torch.isfinite(jac).all(-1).all(-1)[..., None, None], jac, plane_jac)
+    out = torch.where(root.hard[..., None, None], out, torch.zeros_like(jac))
+    out = torch.where(flat[..., None, None], plane_jac, out)
+    out = torch.where(in_k[..., None, None], eye, out)
+    return out.reshape(*shape, 3)
+
+
+# --------------------------------------------------------------------------------------------
 # Projections onto K and K*
 # --------------------------------------------------------------------------------------------
 
-# Projection onto K of a (B, count, n) block; SOC, PSD and R+ are self-dual.
-_PROJ = {"soc": _proj_soc, "psd": _proj_psd, "exp": _proj_exp}
+def _proj_group(g: _Group, block: Tensor) -> Tensor:
+    """Project a ``(B, count, n)`` block of the group's cones onto K."""
+    if g.kind == "pow":
+        return _proj_pow(block, g.alpha)
+    return {"soc": _proj_soc, "psd": _proj_psd, "exp": _proj_exp}[g.kind](block)
 
 
-def _proj_block(kind: str, block: Tensor, dual: bool) -> Tensor:
-    if kind == "exp" and dual:
+def _proj_block(g: _Group, block: Tensor, dual: bool) -> Tensor:
+    if dual and g.kind in ("exp", "pow"):
         # Moreau: v = Π_K(v) + Π_{K°}(v) and K° = -K*, hence Π_{K*}(v) = v + Π_K(-v).
-        return block + _proj_exp(-block)
-    return _PROJ[kind](block)
+        return block + _proj_group(g, -block)
+    return _proj_group(g, block)  # SOC, PSD (and R+) are self-dual
 
 
 def _project(v: Tensor, dims: ConeDims, dual: bool, name: str) -> Tensor:
@@ -649,7 +899,7 @@ def _project(v: Tensor, dims: ConeDims, dual: bool, name: str) -> Tensor:
     rows = [torch.arange(z + l)]
     for g in _layout(dims):
         idx = g.rows.to(v.device)
-        parts.append(_proj_block(g.kind, v[:, idx], dual).reshape(B, -1))
+        parts.append(_proj_block(g, v[:, idx], dual).reshape(B, -1))
         rows.append(g.rows)
     return _assemble(parts, rows, dims.size)
 
@@ -676,7 +926,7 @@ def proj_dual(v: Tensor, dims: ConeDims) -> Tensor:
     """Euclidean projection onto the dual cone ``K*``.
 
     The zero cone's dual is free (identity); the orthant, SOC and PSD cones are self-dual; for
-    the exponential cone ``Π_{K*}(v) = v + Π_K(-v)``.
+    the exponential and power cones ``Π_{K*}(v) = v + Π_K(-v)`` (Moreau).
 
     Args:
         v: ``(B, m)`` points, ``m = dims.size``.
@@ -758,7 +1008,11 @@ class ProjJacobian:
         return _assemble(parts, rows, self.size)
 
 
-_DPROJ = {"soc": _dproj_soc, "psd": _dproj_psd}
+def _dproj_group(g: _Group, block: Tensor) -> Tensor:
+    """``DΠ_K`` of a ``(B, count, n)`` block of the group's cones: ``(B, count, n, n)``."""
+    if g.kind == "pow":
+        return _dproj_pow(block, g.alpha)
+    return {"soc": _dproj_soc, "psd": _dproj_psd, "exp": _dproj_exp}[g.kind](block)
 
 
 def dproj_dual(v: Tensor, dims: ConeDims) -> ProjJacobian:
@@ -766,7 +1020,7 @@ def dproj_dual(v: Tensor, dims: ConeDims) -> ProjJacobian:
 
     Zero cone: 1 (the dual is free). Orthant: ``1[v > 0]``. SOC: closed form (identity inside,
     zero in the polar, rank-structured in between). PSD: Daleckii–Krein in svec coordinates.
-    Exponential: ``I - DΠ_K(-v)`` by the chain rule on ``Π_{K*}(v) = v + Π_K(-v)``, with
+    Exponential and power: ``I - DΠ_K(-v)`` by the chain rule on ``Π_{K*}(v) = v + Π_K(-v)``, with
     ``DΠ_K`` from implicit differentiation of the projection's optimality conditions.
     At kinks (measure zero) one element of the Clarke Jacobian is returned.
 
@@ -791,10 +1045,10 @@ def dproj_dual(v: Tensor, dims: ConeDims) -> ProjJacobian:
     groups: list[tuple[Tensor, Tensor]] = []
     for g in _layout(dims):
         block = v[:, g.rows.to(v.device)]  # (B, count, n)
-        if g.kind == "exp":
-            jac = torch.eye(3, dtype=v.dtype, device=v.device) - _dproj_exp(-block)
+        if g.kind in ("exp", "pow"):
+            jac = torch.eye(3, dtype=v.dtype, device=v.device) - _dproj_group(g, -block)
         else:
-            jac = _DPROJ[g.kind](block)
+            jac = _dproj_group(g, block)
         groups.append((g.rows, jac))
         blocks.extend((off, jac[:, j]) for j, off in enumerate(g.offsets))
     blocks.sort(key=lambda item: item[0])

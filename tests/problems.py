@@ -198,8 +198,42 @@ def least_squares_case(m=6, n=3):
                 frozenset({"zero"}))
 
 
+def power_case(n=3, p=1.5):
+    """min Σ x^p - aᵀx (power cones): x = (a / p)^(1 / (p - 1)) for a > 0."""
+
+    def build():
+        x, a = cp.Variable(n), cp.Parameter(n)
+        prob = cp.Problem(cp.Minimize(cp.sum(cp.power(x, p, approx=False)) - a @ x))
+        return prob, [a], [x]
+
+    return Case("power_cone_power", build,
+                lambda rng, B: [torch.as_tensor(rng.uniform(0.3, 2.5, (B, n)))],
+                lambda a: ((a / p) ** (1 / (p - 1)),), False, frozenset({"nonneg", "pow"}))
+
+
+def geo_mean_case(w=(0.2, 0.3, 0.5)):
+    """max Π x_i^{w_i} s.t. cᵀx <= 1 (power cones, Σ w = 1): x = w / c; the dual is the optimal
+    value Π (w / c)^w, as the value is linear in the budget."""
+    wt = torch.tensor(w, dtype=torch.float64)
+
+    def build():
+        x, c = cp.Variable(len(w)), cp.Parameter(len(w))
+        budget = c @ x <= 1
+        prob = cp.Problem(cp.Maximize(cp.geo_mean(x, list(w), approx=False)), [budget])
+        return prob, [c], [x, budget.dual_variables[0]]
+
+    def ref(c):
+        x = wt / c
+        return x, torch.exp((wt * torch.log(x)).sum(-1))  # the optimal value, by homogeneity
+
+    return Case("power_cone_geo_mean", build,
+                lambda rng, B: [torch.as_tensor(rng.uniform(0.5, 2.0, (B, len(w))))],
+                ref, False, frozenset({"nonneg", "pow"}))
+
+
 CASES = [softmax_case(), sparsemax_case(), box_case(), soc_case(), soc_norm_case(), psd_case(),
-         unconstrained_qp_case(), equality_qp_case(), least_squares_case()]
+         unconstrained_qp_case(), equality_qp_case(), least_squares_case(), power_case(),
+         geo_mean_case()]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

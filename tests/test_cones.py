@@ -411,6 +411,10 @@ def test_cone_dims_size_and_kinds() -> None:
         ({"soc": (3, 0)}, "ConeDims.soc\\[1\\]: expected an integer >= 1, received 0"),
         ({"psd": (0,)}, "ConeDims.psd\\[0\\]: expected an integer >= 1"),
         ({"soc": 3}, "ConeDims.soc: expected a sequence of cone sizes"),
+        ({"pow": 0.5}, "ConeDims.pow: expected a sequence of exponents"),
+        ({"pow": (0.5, 1.0)}, "ConeDims.pow\\[1\\]: expected an exponent α strictly between 0"),
+        ({"pow": (float("nan"),)}, "ConeDims.pow\\[0\\]: expected an exponent"),
+        ({"pow": ("0.5",)}, "ConeDims.pow\\[0\\]: expected an exponent"),
     ],
 )
 def test_cone_dims_validation(kwargs: dict, message: str) -> None:
@@ -440,9 +444,16 @@ def test_cone_dims_from_cvxpy() -> None:
     assert dims.size == prob.get_problem_data(cp.SCS)[0]["A"].shape[0]
 
 
-def test_cone_dims_from_cvxpy_rejects_power_cones() -> None:
+def test_cone_dims_from_cvxpy_power_cones() -> None:
     x = cp.Variable(3)
-    prob = cp.Problem(cp.Minimize(cp.sum(x)), [cp.PowCone3D(x[0], x[1], x[2], 0.3), x <= 1])
-    raw = prob.get_problem_data(cp.SCS)[0]["dims"]
-    with pytest.raises(ValueError, match="power cones are not supported yet"):
-        ConeDims.from_cvxpy(raw)
+    prob = cp.Problem(
+        cp.Minimize(cp.sum(x)),
+        [cp.PowCone3D(x[0], x[1], x[2], 0.3), x <= 1, cp.PowCone3D(x[1], x[0], x[2], 0.6)],
+    )
+    data = prob.get_problem_data(cp.SCS)[0]
+    dims = ConeDims.from_cvxpy(data["dims"])
+    assert dims == ConeDims(nonneg=3, pow=(0.3, 0.6)) and dims.size == data["A"].shape[0]
+    # CVXPY keeps n-dimensional power cones for Clarabel; diffopt canonicalizes for SCS.
+    nd = cp.Problem(cp.Maximize(cp.geo_mean(x, approx=False)), [x <= 1])
+    with pytest.raises(ValueError, match="n-dimensional power cones are not supported"):
+        ConeDims.from_cvxpy(nd.get_problem_data(cp.CLARABEL)[0]["dims"])

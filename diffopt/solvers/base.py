@@ -108,7 +108,7 @@ class ConeProgram:
         A_pattern: pattern of A, shape ``(m, n)``.
         A_values: ``(B, nnz_A)``.
         b: ``(B, m)``.
-        dims: the cone ``K`` (rows of A in the order zero, nonneg, soc, psd, exp).
+        dims: the cone ``K`` (rows of A in the order zero, nonneg, soc, psd, exp, pow).
     """
 
     P_pattern: SparsePattern | None
@@ -209,7 +209,8 @@ class Backend:
 
     Attributes:
         name: the string users pass as ``solver=``.
-        cones: the cone kinds supported, among ``{"zero", "nonneg", "soc", "psd", "exp"}``.
+        cones: the cone kinds supported, among ``{"zero", "nonneg", "soc", "psd", "exp",
+            "pow"}`` (see :meth:`diffopt.cones.ConeDims.kinds`).
         quadratic_objective: whether ``P`` is accepted (otherwise QPs are refused).
     """
 

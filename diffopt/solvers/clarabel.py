@@ -53,7 +53,7 @@ class ClarabelBackend(PerItemBackend):
     """
 
     name = "clarabel"
-    cones = frozenset({"zero", "nonneg", "soc", "psd", "exp"})
+    cones = frozenset({"zero", "nonneg", "soc", "psd", "exp", "pow"})
     quadratic_objective = True
 
     def accepted_options(self) -> frozenset[str]:
@@ -89,6 +89,8 @@ class ClarabelBackend(PerItemBackend):
         cones += [clarabel.SecondOrderConeT(q) for q in dims.soc]
         cones += [clarabel.PSDTriangleConeT(k) for k in dims.psd]
         cones += [clarabel.ExponentialConeT() for _ in range(dims.exp)]
+        # Clarabel's PowerConeT(α) is diffopt's {x^α y^(1-α) >= |z|}, rows (x, y, z).
+        cones += [clarabel.PowerConeT(alpha) for alpha in dims.pow]
         n = c.size
         P = sp.csc_matrix((n, n)) if P is None else P
         start = time.perf_counter()

@@ -34,7 +34,7 @@ class SCSBackend(PerItemBackend):
     """
 
     name = "scs"
-    cones = frozenset({"zero", "nonneg", "soc", "psd", "exp"})
+    cones = frozenset({"zero", "nonneg", "soc", "psd", "exp", "pow"})
     quadratic_objective = True
 
     def accepted_options(self) -> frozenset[str]:
@@ -56,9 +56,10 @@ class SCSBackend(PerItemBackend):
         m = b.size
         if m == 0:  # SCS needs at least one row: add the trivial equality 0·x = 0
             A, b = sp.csc_matrix((1, c.size)), np.zeros(1)
+        # SCS's "p": a positive α is the primal cone {x^α y^(1-α) >= |z|} (a negative one would
+        # be its dual), rows (x, y, z), after the exponential cones as in diffopt's order.
         cone = {"z": max(dims.zero, 1 - m), "l": dims.nonneg, "q": list(dims.soc),
-                "s": list(dims.psd),
-                "ep": dims.exp}
+                "s": list(dims.psd), "ep": dims.exp, "p": list(dims.pow)}
         data = {"A": A, "b": b, "c": c}
         if P is not None:
             data["P"] = P

@@ -10,12 +10,16 @@ autograd; the only hand-derived derivative lives in :mod:`diffopt.solve`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 import torch
+from cvxpy.atoms.quad_form import QuadForm
+from cvxpy.reductions.dcp2cone.canonicalizers import CANON_METHODS as CONE_CANON_METHODS
+from cvxpy.utilities.scopes import quad_form_dpp_scope
 
 from diffopt.cones import ConeDims
 from diffopt.errors import ProblemError
@@ -78,31 +82,89 @@ def _culprit(expr, dpp: bool):
     return expr
 
 
+def _is_dpp(part, objective: bool) -> bool:
+    """DPP test of the objective or of one constraint. The objective is tested in CVXPY's
+    quad-form scope: ``quad_form(x, Q)`` with a parameter ``Q`` is DPP there, as CVXPY
+    canonicalizes it into the parametric ``P`` of a quadratic objective."""
+    if not objective:
+        return part.is_dcp(dpp=True)
+    with quad_form_dpp_scope():
+        return part.is_dcp(dpp=True)
+
+
+def _nested_parametric_quad_form(expr, affine_above: bool = True):
+    """The first ``quad_form(x, Q)`` with a parameter in ``Q`` under a non-affine atom of the
+    objective ``expr`` (None if there is none).
+
+    CVXPY keeps ``Q`` parametric only when every atom above the quad form is affine (its
+    Dcp2Cone rule); under any other atom it canonicalizes the quad form with ``Q``'s current
+    value as a constant, which would silently ignore the parameter.
+    """
+    if isinstance(expr, QuadForm) and expr.args[1].parameters() and not affine_above:
+        return expr
+    affine_above = affine_above and type(expr) not in CONE_CANON_METHODS
+    for arg in getattr(expr, "args", []):
+        found = _nested_parametric_quad_form(arg, affine_above)
+        if found is not None:
+            return found
+    return None
+
+
+_QUAD_FORM_ALTERNATIVE = (
+    "declare a parameter L with Q = L^T L and use cp.sum_squares(L @ x) in place of "
+    "quad_form(x, Q) (DPP: L enters linearly), or bound cp.norm(L @ x, 2) (a second-order cone)"
+)
+
+
 def _check_problem(problem, parameters, variables) -> None:
     if not isinstance(problem, cp.Problem):
         raise ProblemError(
             f"expected a cvxpy.Problem, received {type(problem).__name__}; build the problem with "
             "cvxpy.Problem(objective, constraints) and pass it as the first argument"
         )
+    parts = [problem.objective] + list(problem.constraints)
     if not problem.is_dcp():
-        parts = [problem.objective] + list(problem.constraints)
         bad = next(p for p in parts if not p.is_dcp())
+        culprit = _culprit(bad, dpp=False)
+        hint = ""
+        if isinstance(culprit, QuadForm) and culprit.args[1].parameters():
+            hint = ("; quad_form(x, Q) with a parameter Q is convex when Q is declared "
+                    "PSD=True, concave (for Maximize) when it is declared NSD=True")
         raise ProblemError(
             "the problem is not DCP (disciplined convex): "
-            f"`{_culprit(bad, dpp=False)}` breaks the DCP "
+            f"`{culprit}` breaks the DCP "
             "rules, so it is not a convex problem CVXPY can canonicalize; reformulate it "
-            "(https://www.cvxpy.org/tutorial/dcp)"
+            f"(https://www.cvxpy.org/tutorial/dcp){hint}"
         )
-    if not problem.is_dcp(dpp=True):
-        parts = [problem.objective] + list(problem.constraints)
-        bad = next(p for p in parts if not p.is_dcp(dpp=True))
+    bad = next((p for k, p in enumerate(parts) if not _is_dpp(p, objective=k == 0)), None)
+    if bad is not None and bad is not problem.objective and _is_dpp(bad, objective=True):
         raise ProblemError(
-            f"the problem is DCP but not DPP: `{_culprit(bad, dpp=True)}` uses parameters in a "
+            f"the constraint `{bad}` contains quad_form(x, Q) with a parameter Q: a parametric "
+            "Q is supported in the objective only (as the quadratic term of the cone program); "
+            f"to constrain a parametric quadratic, {_QUAD_FORM_ALTERNATIVE}"
+        )
+    if bad is not None:
+        with quad_form_dpp_scope() if bad is problem.objective else contextlib.nullcontext():
+            culprit = _culprit(bad, dpp=True)
+        hint = ""
+        if isinstance(culprit, QuadForm):
+            hint = ("; in quad_form(x, Q) with a parameter Q, x must be free of parameters and Q "
+                    "affine in them")
+        raise ProblemError(
+            f"the problem is DCP but not DPP: `{culprit}` uses parameters in a "
             "way DPP "
             "forbids (parameters may only enter affinely, or multiply parameter-free "
             "expressions), so it cannot be canonicalized once for all parameter values; "
             "rewrite it, e.g. replace a product of parameters by one new parameter "
-            "(https://www.cvxpy.org/tutorial/dpp)"
+            f"(https://www.cvxpy.org/tutorial/dpp){hint}"
+        )
+    nested = _nested_parametric_quad_form(problem.objective)
+    if nested is not None:
+        raise ProblemError(
+            f"`{nested}` (quad_form with a parameter matrix) sits under a non-affine atom of "
+            "the objective: a parametric Q is supported only in a sum of objective terms "
+            "(scaled by constants); move it to a term of its own, or "
+            f"{_QUAD_FORM_ALTERNATIVE}"
         )
     if not problem.parameters():
         raise ProblemError(

@@ -28,6 +28,27 @@ def _check_one_device(named: dict[str, torch.Tensor]) -> None:
         )
 
 
+def _check_semidefinite(p: cp.Parameter, val: torch.Tensor) -> None:
+    """Raise an InputError unless the symmetric part of each value of the PSD (NSD) parameter
+    ``p`` is positive (negative) semidefinite, up to a roundoff tolerance relative to its
+    largest eigenvalue: the layer would otherwise solve a nonconvex problem for it."""
+    kind, sign = ("PSD", 1.0) if p.attributes["PSD"] else ("NSD", -1.0)
+    k = p.shape[0]
+    sym = val.reshape(-1, k, k).double()
+    lam = torch.linalg.eigvalsh(0.5 * (sym + sym.mT)) * sign  # NSD: the eigenvalues of −S
+    tol = torch.finfo(val.dtype).eps ** 0.5 * lam.abs().amax(-1)
+    bad = (lam[:, 0] < -tol).nonzero().flatten().tolist()
+    if bad:
+        where = f" (items {bad[:5]}{' ...' if len(bad) > 5 else ''})" if val.ndim > 2 else ""
+        example = "L @ L.mT" if sign > 0 else "-(L @ L.mT)"
+        raise InputError(
+            f"parameter {p.name()!r} is declared {kind} but received a matrix with eigenvalue "
+            f"{float(sign * lam[bad[0], 0]):.3g} {'<' if sign > 0 else '>'} 0 in its symmetric "
+            f"part{where}, beyond the roundoff tolerance {float(tol[bad[0]]):.1g}; pass {kind} "
+            f"values, e.g. {example} for any square L"
+        )
+
+
 class CvxpyLayer(nn.Module):
     """A parametrized CVXPY problem as a differentiable layer.
 
@@ -244,13 +265,8 @@ class CvxpyLayer(nn.Module):
                     f"parameter {p.name()!r} is declared symmetric but received a non-symmetric "
                     f"value (max |S - S^T| = {asym:.3g}); symmetrize it, e.g. (S + S.T) / 2"
                 )
-            if p.is_psd():
-                lam = float(torch.linalg.eigvalsh(val.double()).min())
-                if lam < -1e-8 * scale:
-                    raise InputError(
-                        f"parameter {p.name()!r} is declared PSD but received a matrix with "
-                        f"eigenvalue {lam:.3g} < 0"
-                    )
+        if p.ndim == 2 and (p.attributes["PSD"] or p.attributes["NSD"]):
+            _check_semidefinite(p, val)
 
     # -- the call -----------------------------------------------------------------------------
     def forward(self, *params: torch.Tensor, solver_args: dict | None = None,

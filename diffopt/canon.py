@@ -140,7 +140,7 @@ def _check_problem(problem, parameters, variables) -> None:
     if bad is not None and bad is not problem.objective and _is_dpp(bad, objective=True):
         raise ProblemError(
             f"the constraint `{bad}` contains quad_form(x, Q) with a parameter Q: a parametric "
-            "Q is supported in the objective only (as the quadratic term of the cone program); "
+            "Q is only supported in the objective (as the quadratic term of the cone program); "
             f"to constrain a parametric quadratic, {_QUAD_FORM_ALTERNATIVE}"
         )
     if bad is not None:

@@ -285,7 +285,7 @@ def test_parametric_quad_form_in_constraint_is_refused():
     P, x = cp.Parameter((2, 2), PSD=True), cp.Variable(2)
     prob = cp.Problem(cp.Minimize(cp.sum(x)), [cp.quad_form(x, P) <= 1])
     with pytest.raises(ProblemError, match=r"contains quad_form\(x, Q\) with a parameter Q: a "
-                                           r"parametric Q is supported in the objective only.*"
+                                           r"parametric Q is only supported in the objective.*"
                                            r"cp.sum_squares\(L @ x\)"):
         CvxpyLayer(prob, [P], [x])
 

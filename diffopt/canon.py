@@ -92,22 +92,20 @@ def _is_dpp(part, objective: bool) -> bool:
         return part.is_dcp(dpp=True)
 
 
-def _nested_parametric_quad_form(expr, affine_above: bool = True):
-    """The first ``quad_form(x, Q)`` with a parameter in ``Q`` under a non-affine atom of the
-    objective ``expr`` (None if there is none).
+def _parametric_quad_forms(expr, affine_above: bool = True):
+    """Yield ``(node, affine_above)`` for each ``quad_form(x, Q)`` in ``expr`` with a parameter in
+    ``Q``; ``affine_above`` tells whether every atom above it is affine.
 
-    CVXPY keeps ``Q`` parametric only when every atom above the quad form is affine (its
-    Dcp2Cone rule); under any other atom it canonicalizes the quad form with ``Q``'s current
-    value as a constant, which would silently ignore the parameter.
+    CVXPY keeps ``Q`` parametric only in the objective with affine atoms above (its Dcp2Cone
+    rule); elsewhere it canonicalizes the quad form with ``Q``'s current value as a constant,
+    which would silently ignore the parameter. Found structurally, so that a quad-form DPP
+    scope the caller may have entered does not hide them.
     """
-    if isinstance(expr, QuadForm) and expr.args[1].parameters() and not affine_above:
-        return expr
+    if isinstance(expr, QuadForm) and expr.args[1].parameters():
+        yield expr, affine_above
     affine_above = affine_above and type(expr) not in CONE_CANON_METHODS
     for arg in getattr(expr, "args", []):
-        found = _nested_parametric_quad_form(arg, affine_above)
-        if found is not None:
-            return found
-    return None
+        yield from _parametric_quad_forms(arg, affine_above)
 
 
 _QUAD_FORM_ALTERNATIVE = (
@@ -136,13 +134,14 @@ def _check_problem(problem, parameters, variables) -> None:
             "rules, so it is not a convex problem CVXPY can canonicalize; reformulate it "
             f"(https://www.cvxpy.org/tutorial/dcp){hint}"
         )
+    for con in problem.constraints:
+        if next(_parametric_quad_forms(con), None) is not None:
+            raise ProblemError(
+                f"the constraint `{con}` contains quad_form(x, Q) with a parameter Q: a "
+                "parametric Q is only supported in the objective (as the quadratic term of the "
+                f"cone program); to constrain a parametric quadratic, {_QUAD_FORM_ALTERNATIVE}"
+            )
     bad = next((p for k, p in enumerate(parts) if not _is_dpp(p, objective=k == 0)), None)
-    if bad is not None and bad is not problem.objective and _is_dpp(bad, objective=True):
-        raise ProblemError(
-            f"the constraint `{bad}` contains quad_form(x, Q) with a parameter Q: a parametric "
-            "Q is only supported in the objective (as the quadratic term of the cone program); "
-            f"to constrain a parametric quadratic, {_QUAD_FORM_ALTERNATIVE}"
-        )
     if bad is not None:
         with quad_form_dpp_scope() if bad is problem.objective else contextlib.nullcontext():
             culprit = _culprit(bad, dpp=True)
@@ -158,7 +157,8 @@ def _check_problem(problem, parameters, variables) -> None:
             "rewrite it, e.g. replace a product of parameters by one new parameter "
             f"(https://www.cvxpy.org/tutorial/dpp){hint}"
         )
-    nested = _nested_parametric_quad_form(problem.objective)
+    nested = next((qf for qf, affine in _parametric_quad_forms(problem.objective)
+                   if not affine), None)
     if nested is not None:
         raise ProblemError(
             f"`{nested}` (quad_form with a parameter matrix) sits under a non-affine atom of "

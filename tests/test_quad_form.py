@@ -290,6 +290,20 @@ def test_parametric_quad_form_in_constraint_is_refused():
         CvxpyLayer(prob, [P], [x])
 
 
+def test_constraint_check_holds_inside_a_quad_form_dpp_scope():
+    """Built inside CVXPY's quad-form scope (as some cvxpylayers code does), a constraint's
+    parametric quad form is still refused, and an objective's still accepted."""
+    from cvxpy.utilities.scopes import quad_form_dpp_scope
+
+    P, q, x = cp.Parameter((2, 2), PSD=True), cp.Parameter(2), cp.Variable(2)
+    with quad_form_dpp_scope():
+        with pytest.raises(ProblemError, match="only supported in the objective"):
+            CvxpyLayer(cp.Problem(cp.Minimize(q @ x), [cp.quad_form(x, P) <= 1]), [P, q], [x])
+        layer = CvxpyLayer(cp.Problem(cp.Minimize(cp.quad_form(x, P) + q @ x)), [P, q], [x])
+    (sol,) = layer(2 * torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(sol, torch.full((2,), -0.25, dtype=torch.float64), atol=1e-8)
+
+
 def test_parametric_quad_form_under_nonaffine_atom_is_refused():
     """CVXPY would canonicalize it with Q's current value as a constant (silently wrong)."""
     P, q, x = cp.Parameter((2, 2), PSD=True), cp.Parameter(2), cp.Variable(2)

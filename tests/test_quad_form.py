@@ -261,15 +261,34 @@ def test_non_psd_value_is_refused():
                                          r"a matrix with eigenvalue -1 < 0 in its symmetric part"):
         layer(torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.ones(2))
     bad = torch.stack([torch.eye(2), torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.eye(2)])
-    with pytest.raises(InputError, match=r"eigenvalue -1 < 0 in its symmetric part \(items \[1\]\)"):
+    with pytest.raises(InputError, match=r"eigenvalue -1 < 0 in its symmetric part "
+                                         r"\(items \[1\]\)"):
         layer(bad.double(), torch.ones(2, dtype=torch.float64))
 
 
-def test_psd_value_within_roundoff_is_accepted():
+@pytest.mark.parametrize("factor,accepted", [(0.9, True), (1.1, False)])
+def test_psd_tolerance_is_relative_roundoff(factor, accepted):
+    """The rule: λ_min(S) ≥ −√eps·‖S‖_F, on the symmetric part S (‖S‖_F = 1 here)."""
     layer, _ = _psd_layer()
-    Qv = torch.tensor([[1.0, 0.0], [0.0, -1e-12]], dtype=torch.float64)
-    (sol,) = layer(Qv, torch.tensor([0.0, 1.0], dtype=torch.float64))
-    assert torch.allclose(sol, torch.tensor([0.0, -1.0], dtype=torch.float64), atol=1e-6)
+    lam = -factor * torch.finfo(torch.float64).eps ** 0.5
+    Qv = torch.tensor([[1.0, 0.0], [0.0, lam]], dtype=torch.float64)
+    q = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    if accepted:
+        (sol,) = layer(Qv, q)
+        assert torch.allclose(sol, torch.tensor([0.0, -1.0], dtype=torch.float64), atol=1e-6)
+    else:
+        with pytest.raises(InputError, match=r"eigenvalue -1.6\de-08 < 0"):
+            layer(Qv, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_singular_psd_values_are_accepted(dtype):
+    """A rank-one L Lᵀ has roundoff eigenvalues of either sign."""
+    layer, _ = _psd_layer()
+    scale = torch.linspace(1, 3, 8, dtype=dtype)[:, None, None]
+    L = torch.tensor([[0.3], [1.7]], dtype=dtype) * scale
+    (sol,) = layer(L @ L.mT, torch.tensor([1.0, -1.0], dtype=dtype))
+    assert sol.shape == (8, 2) and layer.info.ok == [True] * 8
 
 
 def test_non_nsd_value_is_refused():

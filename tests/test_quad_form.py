@@ -193,6 +193,22 @@ def test_unconstrained_closed_form(solver):
         assert rel_err(a, b) < 10 * tol
 
 
+def test_jacrev_and_jacfwd_closed_form():
+    """Reverse and forward mode (the JVP's dP·x term) in Q against the interior solution's
+    Jacobian ∂x/∂Q_jk = −sym(Q⁻¹e_j x_k)."""
+    Q, q, x = cp.Parameter((2, 2), PSD=True), cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, Q) + q @ x), [x >= -1, x <= 1])
+    layer = CvxpyLayer(prob, [Q, q], [x])
+    Qv = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    qv = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    Qi = torch.linalg.inv(Qv)
+    xs = -Qi @ qv
+    ref = torch.stack([-0.5 * (torch.outer(Qi[i], xs) + torch.outer(xs, Qi[i])) for i in range(2)])
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        J = jac(lambda Qt: layer(Qt, qv)[0])(Qv)
+        assert torch.allclose(J, ref, atol=1e-8)
+
+
 def _trust_region(Q, q, r):
     """argmin ½xᵀQx + qᵀx s.t. ‖x‖ ≤ r for Q ≻ 0 when the ball constraint is active, in closed
     form: x = −(Q + μI)⁻¹q with μ > 0 the root of ‖x(μ)‖ = r (the secular equation)."""

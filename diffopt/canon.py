@@ -120,20 +120,6 @@ def _check_problem(problem, parameters, variables) -> None:
             f"expected a cvxpy.Problem, received {type(problem).__name__}; build the problem with "
             "cvxpy.Problem(objective, constraints) and pass it as the first argument"
         )
-    parts = [problem.objective] + list(problem.constraints)
-    if not problem.is_dcp():
-        bad = next(p for p in parts if not p.is_dcp())
-        culprit = _culprit(bad, dpp=False)
-        hint = ""
-        if isinstance(culprit, QuadForm) and culprit.args[1].parameters():
-            hint = ("; quad_form(x, Q) with a parameter Q is convex when Q is declared "
-                    "PSD=True, concave (for Maximize) when it is declared NSD=True")
-        raise ProblemError(
-            "the problem is not DCP (disciplined convex): "
-            f"`{culprit}` breaks the DCP "
-            "rules, so it is not a convex problem CVXPY can canonicalize; reformulate it "
-            f"(https://www.cvxpy.org/tutorial/dcp){hint}"
-        )
     for con in problem.constraints:
         if next(_parametric_quad_forms(con), None) is not None:
             raise ProblemError(
@@ -141,6 +127,24 @@ def _check_problem(problem, parameters, variables) -> None:
                 "parametric Q is only supported in the objective (as the quadratic term of the "
                 f"cone program); to constrain a parametric quadratic, {_QUAD_FORM_ALTERNATIVE}"
             )
+    for qf, _ in _parametric_quad_forms(problem.objective):
+        if not (qf.args[1].is_psd() or qf.args[1].is_nsd()):
+            raise ProblemError(
+                f"`{qf}`: quad_form(x, Q) with a parameter Q is convex only for a Q declared "
+                "positive semidefinite (cp.Parameter(..., PSD=True), for Minimize) and concave "
+                "only for one declared negative semidefinite (NSD=True, for Maximize); declare "
+                f"it so, or {_QUAD_FORM_ALTERNATIVE}"
+            )
+    if not problem.is_dcp():
+        parts = [problem.objective] + list(problem.constraints)
+        bad = next(p for p in parts if not p.is_dcp())
+        raise ProblemError(
+            "the problem is not DCP (disciplined convex): "
+            f"`{_culprit(bad, dpp=False)}` breaks the DCP "
+            "rules, so it is not a convex problem CVXPY can canonicalize; reformulate it "
+            "(https://www.cvxpy.org/tutorial/dcp)"
+        )
+    parts = [problem.objective] + list(problem.constraints)
     bad = next((p for k, p in enumerate(parts) if not _is_dpp(p, objective=k == 0)), None)
     if bad is not None:
         with quad_form_dpp_scope() if bad is problem.objective else contextlib.nullcontext():

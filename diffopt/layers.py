@@ -53,9 +53,9 @@ def _check_semidefinite(p: cp.Parameter, val: torch.Tensor) -> None:
         example = "L @ L.mT" if sign > 0 else "-(L @ L.mT)"
         raise InputError(
             f"parameter {p.name()!r} is declared {kind} but received a matrix with eigenvalue "
-            f"{bad[0][1]:.3g} {'<' if sign > 0 else '>'} 0 in its symmetric part{where}, beyond "
-            f"the roundoff tolerance {bad[0][2]:.1g}; pass {kind} values, e.g. {example} for "
-            "any square L"
+            f"{bad[0][1]:.3g} {'<' if sign > 0 else '>'} 0 (of its symmetric part){where}, "
+            f"beyond the roundoff tolerance {bad[0][2]:.1g}; pass {kind} values, e.g. {example} "
+            "for any square L"
         )
 
 

@@ -275,10 +275,11 @@ def _psd_layer():
 def test_non_psd_value_is_refused():
     layer, Q = _psd_layer()
     with pytest.raises(InputError, match=rf"parameter '{Q.name()}' is declared PSD but received "
-                                         r"a matrix with eigenvalue -1 < 0 in its symmetric part"):
+                                         r"a matrix with eigenvalue -1 < 0 \(of its symmetric "
+                                         r"part\)"):
         layer(torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.ones(2))
     bad = torch.stack([torch.eye(2), torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.eye(2)])
-    with pytest.raises(InputError, match=r"eigenvalue -1 < 0 in its symmetric part "
+    with pytest.raises(InputError, match=r"eigenvalue -1 < 0 \(of its symmetric part\) "
                                          r"\(items \[1\]\)"):
         layer(bad.double(), torch.ones(2, dtype=torch.float64))
 
@@ -313,7 +314,7 @@ def test_non_nsd_value_is_refused():
     prob = cp.Problem(cp.Maximize(cp.quad_form(x, N) + q @ x), [x <= 1])
     layer = CvxpyLayer(prob, [N, q], [x])
     with pytest.raises(InputError, match=r"declared NSD but received a matrix with eigenvalue "
-                                         r"1 > 0 in its symmetric part.*-\(L @ L.mT\)"):
+                                         r"1 > 0 \(of its symmetric part\).*-\(L @ L.mT\)"):
         layer(torch.eye(2), torch.ones(2))
 
 
@@ -352,7 +353,8 @@ def test_parametric_quad_form_under_nonaffine_atom_is_refused():
 def test_symmetric_only_parameter_is_refused():
     S, x = cp.Parameter((2, 2), symmetric=True), cp.Variable(2)
     prob = cp.Problem(cp.Minimize(cp.quad_form(x, S)), [x >= -1])
-    with pytest.raises(ProblemError, match=r"not DCP.*convex when Q is declared PSD=True"):
+    with pytest.raises(ProblemError, match=r"convex only for a Q declared positive "
+                                           r"semidefinite \(cp.Parameter\(..., PSD=True\)"):
         CvxpyLayer(prob, [S], [x])
 
 

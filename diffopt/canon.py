@@ -10,12 +10,16 @@ autograd; the only hand-derived derivative lives in :mod:`diffopt.solve`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 import torch
+from cvxpy.atoms.quad_form import QuadForm
+from cvxpy.reductions.dcp2cone.canonicalizers import CANON_METHODS as CONE_CANON_METHODS
+from cvxpy.utilities.scopes import quad_form_dpp_scope
 
 from diffopt.cones import ConeDims
 from diffopt.errors import ProblemError
@@ -78,12 +82,59 @@ def _culprit(expr, dpp: bool):
     return expr
 
 
+def _is_dpp(part, objective: bool) -> bool:
+    """DPP test of the objective or of one constraint. The objective is tested in CVXPY's
+    quad-form scope: ``quad_form(x, Q)`` with a parameter ``Q`` is DPP there, as CVXPY
+    canonicalizes it into the parametric ``P`` of a quadratic objective."""
+    if not objective:
+        return part.is_dcp(dpp=True)
+    with quad_form_dpp_scope():
+        return part.is_dcp(dpp=True)
+
+
+def _parametric_quad_forms(expr, affine_above: bool = True):
+    """Yield ``(node, affine_above)`` for each ``quad_form(x, Q)`` in ``expr`` with a parameter in
+    ``Q``; ``affine_above`` tells whether every atom above it is affine.
+
+    CVXPY keeps ``Q`` parametric only in the objective with affine atoms above (its Dcp2Cone
+    rule); elsewhere it canonicalizes the quad form with ``Q``'s current value as a constant,
+    which would silently ignore the parameter. Found structurally, so that a quad-form DPP
+    scope the caller may have entered does not hide them.
+    """
+    if isinstance(expr, QuadForm) and expr.args[1].parameters():
+        yield expr, affine_above
+    affine_above = affine_above and type(expr) not in CONE_CANON_METHODS
+    for arg in getattr(expr, "args", []):
+        yield from _parametric_quad_forms(arg, affine_above)
+
+
+_QUAD_FORM_ALTERNATIVE = (
+    "declare a parameter L with Q = L^T L and use cp.sum_squares(L @ x) in place of "
+    "quad_form(x, Q) (DPP: L enters linearly), or bound cp.norm(L @ x, 2) (a second-order cone)"
+)
+
+
 def _check_problem(problem, parameters, variables) -> None:
     if not isinstance(problem, cp.Problem):
         raise ProblemError(
             f"expected a cvxpy.Problem, received {type(problem).__name__}; build the problem with "
             "cvxpy.Problem(objective, constraints) and pass it as the first argument"
         )
+    for con in problem.constraints:
+        if next(_parametric_quad_forms(con), None) is not None:
+            raise ProblemError(
+                f"the constraint `{con}` contains quad_form(x, Q) with a parameter Q: a "
+                "parametric Q is only supported in the objective (as the quadratic term of the "
+                f"cone program); to constrain a parametric quadratic, {_QUAD_FORM_ALTERNATIVE}"
+            )
+    for qf, _ in _parametric_quad_forms(problem.objective):
+        if not (qf.args[1].is_psd() or qf.args[1].is_nsd()):
+            raise ProblemError(
+                f"`{qf}`: quad_form(x, Q) with a parameter Q is convex only for a Q declared "
+                "positive semidefinite (cp.Parameter(..., PSD=True), for Minimize) and concave "
+                "only for one declared negative semidefinite (NSD=True, for Maximize); declare "
+                f"it so, or {_QUAD_FORM_ALTERNATIVE}"
+            )
     if not problem.is_dcp():
         parts = [problem.objective] + list(problem.constraints)
         bad = next(p for p in parts if not p.is_dcp())
@@ -94,16 +145,31 @@ def _check_problem(problem, parameters, variables) -> None:
             f"`{_culprit(bad, dpp=False)}` breaks the DCP "
             f"rules, so it is not a convex problem CVXPY can canonicalize; {hint}"
         )
-    if not problem.is_dcp(dpp=True):
-        parts = [problem.objective] + list(problem.constraints)
-        bad = next(p for p in parts if not p.is_dcp(dpp=True))
+    parts = [problem.objective] + list(problem.constraints)
+    bad = next((p for k, p in enumerate(parts) if not _is_dpp(p, objective=k == 0)), None)
+    if bad is not None:
+        with quad_form_dpp_scope() if bad is problem.objective else contextlib.nullcontext():
+            culprit = _culprit(bad, dpp=True)
+        hint = ""
+        if isinstance(culprit, QuadForm):
+            hint = ("; in quad_form(x, Q) with a parameter Q, x must be free of parameters and Q "
+                    "affine in them")
         raise ProblemError(
-            f"the problem is DCP but not DPP: `{_culprit(bad, dpp=True)}` uses parameters in a "
+            f"the problem is DCP but not DPP: `{culprit}` uses parameters in a "
             "way DPP "
             "forbids (parameters may only enter affinely, or multiply parameter-free "
             "expressions), so it cannot be canonicalized once for all parameter values; "
             "rewrite it, e.g. replace a product of parameters by one new parameter "
-            "(https://www.cvxpy.org/tutorial/dpp)"
+            f"(https://www.cvxpy.org/tutorial/dpp){hint}"
+        )
+    nested = next((qf for qf, affine in _parametric_quad_forms(problem.objective)
+                   if not affine), None)
+    if nested is not None:
+        raise ProblemError(
+            f"`{nested}` (quad_form with a parameter matrix) sits under a non-affine atom of "
+            "the objective: a parametric Q is supported only in a sum of objective terms "
+            "(scaled by constants); move it to a term of its own, or "
+            f"{_QUAD_FORM_ALTERNATIVE}"
         )
     if not problem.parameters():
         raise ProblemError(

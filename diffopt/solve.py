@@ -106,6 +106,8 @@ class SolveInfo:
         gap: ``|sᵀy|`` per item.
         degenerate: per item, True when its KKT system was singular and the gradient came from
             a least-squares solve (None until a derivative was computed).
+        errors: ``{item: "ExceptionType: message"}`` for the items whose backend raised (status
+            ``NUMERICAL_ERROR``; the other items keep their answers).
     """
 
     status: list[Status]
@@ -115,6 +117,7 @@ class SolveInfo:
     dual_residual: list[float] = field(default_factory=list)
     gap: list[float] = field(default_factory=list)
     degenerate: list[bool] | None = None
+    errors: dict[int, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[bool]:
@@ -179,11 +182,13 @@ class _Call:
                                     else [bool(d) for d in torch.as_tensor(flags).tolist()])
 
 
-def _describe(failed: dict) -> str:
+def _describe(failed: dict, errors: dict[int, str]) -> str:
     kinds: dict[Status, list[int]] = {}
     for i, st in failed.items():
         kinds.setdefault(st, []).append(i)
-    return "; ".join(f"items {idx} {st.name}: {st.value}" for st, idx in kinds.items())
+    text = "; ".join(f"items {idx} {st.name}: {st.value}" for st, idx in kinds.items())
+    raised = "; ".join(f"item {i}: {msg}" for i, msg in errors.items() if i in failed)
+    return text + (f"; the backend raised for {raised}" if raised else "")
 
 
 class _ConeSolve(torch.autograd.Function):
@@ -216,14 +221,14 @@ class _ConeSolve(torch.autograd.Function):
         info = SolveInfo(
             status=list(sol.status), iterations=list(sol.iterations),
             solve_time=list(sol.solve_time), primal_residual=list(residuals[0]),
-            dual_residual=list(residuals[1]), gap=list(residuals[2]),
+            dual_residual=list(residuals[1]), gap=list(residuals[2]), errors=dict(sol.errors),
         )
         call.info = info
         failed = {i: st for i, (st, good) in enumerate(zip(sol.status, ok_status)) if not good}
         if failed and call.on_failure == "raise":
             raise SolverError(
                 f"{len(failed)} of {B} problem(s) in the batch were not solved "
-                f"({_describe(failed)}). "
+                f"({_describe(failed, sol.errors)}). "
                 "Pass solver_args={'on_failure': 'nan'} to return NaN for failed items (with zero "
                 "gradient) instead of raising; statuses and residuals are in layer.info.",
                 failed,

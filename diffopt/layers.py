@@ -38,12 +38,15 @@ class _InfoRecord:
     and inspected from the main thread). Records of finished threads are dropped.
     """
 
+    # torch.compile: thread bookkeeping is not traced (a graph break, like the solve itself).
     @property
+    @torch.compiler.disable
     def info(self) -> SolveInfo | None:
         mine = self.__dict__.get("_infos", {}).get(threading.get_ident())
         return mine if mine is not None else self.__dict__.get("_info_latest")
 
     @info.setter
+    @torch.compiler.disable
     def info(self, value: SolveInfo | None) -> None:
         live = {t.ident for t in threading.enumerate()}
         infos = {k: v for k, v in self.__dict__.get("_infos", {}).items() if k in live}

@@ -131,6 +131,25 @@ def test_forward_over_forward_refused():
         jacfwd(jacfwd(loss))(_qp_point())
 
 
+def test_qp_hessian_of_the_duals():
+    """The multipliers' second derivatives go through ``D`` and the adjoint's ``g_y`` too."""
+    layer = QPLayer(duals=True, solver_args=SOLVERS["native"])
+    sizes = [N * N, N, M * N, M, E * N, E]
+
+    def loss(theta):
+        L, q, G, h, A, b = torch.split(theta, sizes)
+        L = L.reshape(N, N)
+        P = L @ L.T + torch.eye(N, dtype=theta.dtype)
+        _, nu, lam = layer(P, q, G.reshape(M, N), h, A.reshape(E, N), b)
+        return (lam**2).sum() + nu.sum() * lam.sum()
+
+    theta = _qp_point()
+    H_fd = _fd_hessian(loss, theta)
+    assert H_fd.norm() > 1e-1
+    for route, H in _hessians(loss, theta).items():
+        assert rel_err(H, H_fd) < TOL_FD, route
+
+
 def test_lp_hessian_in_constraint_data():
     loss, theta = _lp_loss()
     H_fd = _fd_hessian(loss, theta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import cvxpy as cp
@@ -60,7 +61,32 @@ def _check_semidefinite(p: cp.Parameter, val: torch.Tensor) -> None:
         )
 
 
-class CvxpyLayer(nn.Module):
+class _InfoRecord:
+    """The ``info`` attribute of the layers, one record per calling thread.
+
+    A layer called from several threads at once would otherwise show each thread the info of
+    whichever call finished last. ``info`` is the calling thread's most recent call's, or, in
+    a thread that has made none, the most recent call's of any thread (a layer run in a worker
+    and inspected from the main thread). Records of finished threads are dropped.
+    """
+
+    # torch.compile: thread bookkeeping is not traced (a graph break, like the solve itself).
+    @property
+    @torch.compiler.disable
+    def info(self) -> SolveInfo | None:
+        mine = self.__dict__.get("_infos", {}).get(threading.get_ident())
+        return mine if mine is not None else self.__dict__.get("_info_latest")
+
+    @info.setter
+    @torch.compiler.disable
+    def info(self, value: SolveInfo | None) -> None:
+        live = {t.ident for t in threading.enumerate()}
+        infos = {k: v for k, v in self.__dict__.get("_infos", {}).items() if k in live}
+        infos[threading.get_ident()] = value
+        self.__dict__["_infos"], self.__dict__["_info_latest"] = infos, value
+
+
+class CvxpyLayer(_InfoRecord, nn.Module):
     """A parametrized CVXPY problem as a differentiable layer.
 
     The constructor and call have the same shape as ``cvxpylayers.torch.CvxpyLayer``: switching is
@@ -88,7 +114,9 @@ class CvxpyLayer(nn.Module):
 
     Attributes:
         info: :class:`~diffopt.solve.SolveInfo` of the most recent call: status, iterations and
-            residuals per item (and, after backward, which items were degenerate).
+            residuals per item (and, after backward, which items were degenerate). Kept per
+            thread: a layer called from several threads at once shows each thread its own
+            call's (a thread that made none sees the most recent call of any thread).
 
     Examples:
         >>> import cvxpy as cp, torch
@@ -356,7 +384,7 @@ def _empty_blocks(args: dict, n: int) -> set[int]:
     return sizes
 
 
-class QPLayer(nn.Module):
+class QPLayer(_InfoRecord, nn.Module):
     r"""A batched quadratic program in tensor form, no CVXPY needed (OptNet-style).
 
     .. math::
@@ -378,7 +406,8 @@ class QPLayer(nn.Module):
         gradient: gradient mode, as for :class:`CvxpyLayer`.
 
     Attributes:
-        info: :class:`~diffopt.solve.SolveInfo` of the most recent call.
+        info: :class:`~diffopt.solve.SolveInfo` of the most recent call (per thread, as for
+            :class:`CvxpyLayer`).
 
     Examples:
         >>> import torch

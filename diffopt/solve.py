@@ -15,6 +15,12 @@ torch.func: ``vmap`` maps its dimension onto the batch dimension of the solve (o
 merged batch, no loop over slices); ``jacrev`` and ``jacfwd`` vmap the backward and forward-mode
 rules over the directions, which reuse the factorization of the derivative (:class:`_KKTSolve`).
 ``torch.compile`` treats the solve as a graph break.
+
+Higher orders: the backward and jvp rules are themselves differentiable torch code around
+:class:`_KKTSolve`, whose own derivative is again a solve with the same factorization, so
+double backward, ``hessian``, ``jacrev(jacrev(...))`` and ``jacfwd(jacrev(...))`` are exact
+where ``D`` is locally constant (zero and nonnegative cones at a strictly complementary
+solution); elsewhere differentiating a derivative raises (see :meth:`_Call.second_order_limit`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
@@ -99,6 +106,8 @@ class SolveInfo:
         gap: ``|sᵀy|`` per item.
         degenerate: per item, True when its KKT system was singular and the gradient came from
             a least-squares solve (None until a derivative was computed).
+        errors: ``{item: "ExceptionType: message"}`` for the items whose backend raised (status
+            ``NUMERICAL_ERROR``; the other items keep their answers).
     """
 
     status: list[Status]
@@ -108,6 +117,7 @@ class SolveInfo:
     dual_residual: list[float] = field(default_factory=list)
     gap: list[float] = field(default_factory=list)
     degenerate: list[bool] | None = None
+    errors: dict[int, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[bool]:
@@ -146,6 +156,22 @@ class _Call:
         ``one_thread_derivative`` for this solve)."""
         return self.backend.one_thread_derivative(self.program, self.options)
 
+    def second_order_limit(self) -> str | None:
+        """Why the derivative of this solve's derivative is not available, or None.
+
+        ``_KKTSolve`` differentiates ``J = [[P, AᵀD], [A, D − I]]`` in ``P`` and ``A`` with
+        ``D`` held fixed: exact for the zero and nonnegative cones, whose ``D`` is locally
+        constant, but not for cones whose ``D`` moves with the solution, nor for the barrier
+        system of ``mu > 0``.
+        """
+        curved = [k for k in ("soc", "psd", "exp") if getattr(self.dims, k)]
+        if curved:
+            return (f"this problem has {'/'.join(curved)} cone(s), whose projection Jacobian "
+                    "moves with the solution (its derivative is not implemented)")
+        if float(self.options.get("mu", 0.0)) > 0:
+            return "the log-barrier derivative (mu > 0) is not differentiated again"
+        return None
+
     def record_degenerate(self) -> None:
         """Copy the differentiator's per-item degeneracy flags (set by its solves) into ``info``."""
         if self.info is not None:
@@ -156,11 +182,13 @@ class _Call:
                                     else [bool(d) for d in torch.as_tensor(flags).tolist()])
 
 
-def _describe(failed: dict) -> str:
+def _describe(failed: dict, errors: dict[int, str]) -> str:
     kinds: dict[Status, list[int]] = {}
     for i, st in failed.items():
         kinds.setdefault(st, []).append(i)
-    return "; ".join(f"items {idx} {st.name}: {st.value}" for st, idx in kinds.items())
+    text = "; ".join(f"items {idx} {st.name}: {st.value}" for st, idx in kinds.items())
+    raised = "; ".join(f"item {i}: {msg}" for i, msg in errors.items() if i in failed)
+    return text + (f"; the backend raised for {raised}" if raised else "")
 
 
 class _ConeSolve(torch.autograd.Function):
@@ -193,14 +221,14 @@ class _ConeSolve(torch.autograd.Function):
         info = SolveInfo(
             status=list(sol.status), iterations=list(sol.iterations),
             solve_time=list(sol.solve_time), primal_residual=list(residuals[0]),
-            dual_residual=list(residuals[1]), gap=list(residuals[2]),
+            dual_residual=list(residuals[1]), gap=list(residuals[2]), errors=dict(sol.errors),
         )
         call.info = info
         failed = {i: st for i, (st, good) in enumerate(zip(sol.status, ok_status)) if not good}
         if failed and call.on_failure == "raise":
             raise SolverError(
                 f"{len(failed)} of {B} problem(s) in the batch were not solved "
-                f"({_describe(failed)}). "
+                f"({_describe(failed, sol.errors)}). "
                 "Pass solver_args={'on_failure': 'nan'} to return NaN for failed items (with zero "
                 "gradient) instead of raising; statuses and residuals are in layer.info.",
                 failed,
@@ -218,8 +246,9 @@ class _ConeSolve(torch.autograd.Function):
         # The backward and jvp rules read the solution from the outputs, not from ``call``: under
         # vmap(grad(...)) they see one slice of the vmapped batch, while ``call`` holds the merged
         # batch that was actually solved (and factored).
-        ctx.save_for_backward(*output)
-        ctx.save_for_forward(*output)
+        # P's and A's values too: the derivative's own derivative (higher orders) moves J with them.
+        ctx.save_for_backward(inputs[0], inputs[2], *output)
+        ctx.save_for_forward(inputs[0], inputs[2], *output)
 
     @staticmethod
     def vmap(info, in_dims, P_values, c, A_values, b, call):
@@ -236,7 +265,6 @@ class _ConeSolve(torch.autograd.Function):
         return tuple(o.unflatten(0, (V, -1)) for o in outs), (0, 0, 0)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gx, gy, gs):
         with one_torch_thread(ctx.call.one_thread()):
             return _ConeSolve._vjp(ctx, gx, gy, gs)
@@ -244,7 +272,7 @@ class _ConeSolve(torch.autograd.Function):
     @staticmethod
     def _vjp(ctx, gx, gy, gs):
         call: _Call = ctx.call
-        x, y, s, ok = _solution(ctx.saved_tensors)
+        P_values, A_values, x, y, s, ok = _solution(ctx.saved_tensors)
 
         def prep(g, like):
             if g is None:
@@ -252,7 +280,8 @@ class _ConeSolve(torch.autograd.Function):
             g = g.to(x.dtype)
             return torch.where(ok[:, None], g, torch.zeros_like(g))
 
-        l1, l2 = _KKTSolve.apply(x, call, "adjoint", prep(gx, x), prep(gy, y), prep(gs, s))
+        l1, l2 = _KKTSolve.apply(x, P_values, A_values, call, "adjoint",
+                                 prep(gx, x), prep(gy, y), prep(gs, s))
         l1 = torch.where(ok[:, None], l1, torch.zeros_like(l1))
         l2 = torch.where(ok[:, None], l2, torch.zeros_like(l2))
         # P's and A's values often need none (a layer's constant matrices).
@@ -268,13 +297,20 @@ class _ConeSolve(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dPv, dc, dAv, db, _):
+        if _forward_over_forward():
+            raise ProblemError(
+                "forward mode over forward mode (jacfwd(jacfwd(...))) through a layer is not "
+                "supported: torch.func drops the outer derivative of this rule's solve. Use "
+                "torch.func.hessian (jacfwd(jacrev(...))), jacrev(jacrev(...)) or "
+                "jacrev(jacfwd(...)), which are exact for LPs and QPs."
+            )
         with one_torch_thread(ctx.call.one_thread()):
             return _ConeSolve._jvp(ctx, dPv, dc, dAv, db)
 
     @staticmethod
     def _jvp(ctx, dPv, dc, dAv, db):
         call: _Call = ctx.call
-        x, y, _s, ok = _solution(ctx.saved_tensors)
+        P_values, A_values, x, y, _s, ok = _solution(ctx.saved_tensors)
         dt = x.dtype
 
         def t(d, like):
@@ -288,15 +324,23 @@ class _ConeSolve(torch.autograd.Function):
             dr2 = dr2 + pattern_matvec(dAv, call.A_pattern, x)
         if dPv is not None and call.P_pattern is not None:
             dr1 = dr1 + pattern_matvec(dPv.to(dt), call.P_pattern, x)
-        dx, dy, ds = _KKTSolve.apply(x, call, "tangent", dr1, dr2)
+        dx, dy, ds = _KKTSolve.apply(x, P_values, A_values, call, "tangent", dr1, dr2)
         return tuple(torch.where(ok[:, None], d, torch.zeros_like(d)) for d in (dx, dy, ds))
 
 
-def _solution(outputs):
-    """``(x, y, s)`` with failed items (NaN rows) zeroed, and the ``ok`` mask."""
-    x, y, s = outputs
+def _forward_over_forward() -> bool:
+    """Whether two torch.func forward-mode transforms (jvp, jacfwd) are active at once."""
+    stack = retrieve_all_functorch_interpreters()
+    return sum(i.key() == TransformType.Jvp for i in stack) > 1
+
+
+def _solution(saved):
+    """The saved ``(P_values, A_values, x, y, s)``, in the solution's dtype, with failed items
+    (NaN rows of the solution) zeroed, and the ``ok`` mask."""
+    P_values, A_values, x, y, s = saved
     ok = ~torch.isnan(x).any(1)
-    return (*(torch.where(ok[:, None], t, torch.zeros_like(t)) for t in (x, y, s)), ok)
+    x, y, s = (torch.where(ok[:, None], t, torch.zeros_like(t)) for t in (x, y, s))
+    return P_values.to(x.dtype), A_values.to(x.dtype), x, y, s, ok
 
 
 class _KKTSolve(torch.autograd.Function):
@@ -306,10 +350,16 @@ class _KKTSolve(torch.autograd.Function):
     :meth:`_ConeSolve.vmap` merged into the solved batch. At such a level the right-hand sides are
     merged the same way; at any other level (the directions of jacrev/jacfwd, or a vmap over
     the backward) each direction is one more solve with the same factorization.
+
+    Its own derivatives (used by second and higher derivatives of a layer) are solves again. The
+    adjoint ``λ = −J⁻ᵀ[g_x; D g_y + (D − I) g_s]`` and the tangent
+    ``(dx, D dv, (D − I) dv)`` with ``dz = −J⁻¹ r`` are adjoint linear maps of each other, and
+    ``J`` moves with ``P`` and ``A`` (``D`` held fixed, see :meth:`_Call.second_order_limit`):
+    ``dλ = −J⁻ᵀ(dr + dJᵀλ)`` and ``d(dz) = −J⁻¹(dr + dJ dz)``.
     """
 
     @staticmethod
-    def forward(anchor, call, kind, *rhs):
+    def forward(anchor, P_values, A_values, call, kind, *rhs):
         diff = call.differentiator()
         out = diff.adjoint(*rhs) if kind == "adjoint" else diff.tangent(*rhs)
         call.record_degenerate()
@@ -317,19 +367,83 @@ class _KKTSolve(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass  # only called from backward/jvp rules, which are not differentiated again
+        ctx.call, ctx.kind = inputs[3], inputs[4]
+        ctx.save_for_backward(*inputs[:3], *output)
+        ctx.save_for_forward(*inputs[:3], *output)
 
     @staticmethod
-    def vmap(info, in_dims, anchor, call, kind, *rhs):
+    def _check(ctx, moving) -> None:
+        why = ctx.call.second_order_limit()
+        if why is not None and moving:
+            raise ProblemError(
+                f"second-order derivatives through this layer are not available: {why}. Exact "
+                "higher-order derivatives (double backward, hessian, jacrev(jacrev(...)), "
+                "jacfwd(jacrev(...))) are implemented for LPs and QPs (zero and nonnegative "
+                "cones, gradient='exact' or the native solver with mu=0); differentiate once "
+                "(no create_graph=True) or use a finite difference of the gradient."
+            )
+
+    @staticmethod
+    def backward(ctx, *gouts):
+        anchor, P_values, A_values, *out = ctx.saved_tensors
+        call = ctx.call
+        _KKTSolve._check(ctx, any(ctx.needs_input_grad[:3]))
+        g = [torch.zeros_like(o) if go is None else go for go, o in zip(gouts, out)]
+        if ctx.kind == "adjoint":  # out = (λ_x, λ_v); the cotangent's tangent solve μ
+            mu = _KKTSolve.apply(anchor, P_values, A_values, call, "tangent", *g)
+            lx, lv, mx, my = out[0], out[1], mu[0], mu[1]
+            g_rhs = mu
+        else:  # out = (dx, dy, ds); the cotangent's adjoint solve ν
+            nu = _KKTSolve.apply(anchor, P_values, A_values, call, "adjoint", *g)
+            lx, lv, mx, my = nu[0], nu[1], out[0], out[1]
+            g_rhs = nu
+        # ⟨ḡ, dout⟩ = lᵀ dJ m: dP on (l_x, m_x), dA on (l_v, m_x) and (D m_v, l_x).
+        gP = gA = None
+        if ctx.needs_input_grad[1] and call.P_pattern is not None:
+            gP = _outer_on_pattern(call.P_pattern, (0.5 * lx, mx), (0.5 * mx, lx))
+        if ctx.needs_input_grad[2]:
+            gA = _outer_on_pattern(call.A_pattern, (lv, mx), (my, lx))
+        return (None, gP, gA, None, None, *g_rhs)
+
+    @staticmethod
+    def jvp(ctx, d_anchor, dP, dA, _call, _kind, *d_rhs):
+        anchor, P_values, A_values, *out = ctx.saved_tensors
+        call = ctx.call
+        _KKTSolve._check(ctx, any(t is not None for t in (d_anchor, dP, dA)))
+        rhs = [torch.zeros_like(o) if d is None else d for d, o in
+               zip(d_rhs, out if ctx.kind == "tangent" else (anchor, out[1], out[1]))]
+        if ctx.kind == "adjoint":  # dλ = −J⁻ᵀ(dr + dJᵀλ), dJᵀλ = [dPᵀλ_x + dAᵀλ_v ; D dA λ_x]
+            lx, lv = out
+            if dA is not None:
+                rhs[0] = rhs[0] + pattern_matvec(dA, call.A_pattern, lv, transpose=True)
+                rhs[1] = rhs[1] + pattern_matvec(dA, call.A_pattern, lx)  # D applied by adjoint
+            if dP is not None and call.P_pattern is not None:
+                rhs[0] = rhs[0] + pattern_matvec(dP, call.P_pattern, lx, transpose=True)
+        else:  # d(dz) = −J⁻¹(dr + dJ dz), dJ dz = [dP dx + dAᵀ D dv ; dA dx], D dv = dy
+            dx, dy, _ = out
+            if dA is not None:
+                rhs[0] = rhs[0] + pattern_matvec(dA, call.A_pattern, dy, transpose=True)
+                rhs[1] = rhs[1] + pattern_matvec(dA, call.A_pattern, dx)
+            if dP is not None and call.P_pattern is not None:
+                rhs[0] = rhs[0] + pattern_matvec(dP, call.P_pattern, dx)
+        return _KKTSolve.apply(anchor, P_values, A_values, call, ctx.kind, *rhs)
+
+    @staticmethod
+    def vmap(info, in_dims, anchor, P_values, A_values, call, kind, *rhs):
         V = info.batch_size
-        rhs = [r.expand(V, *r.shape) if d is None else r.movedim(d, 0)
-               for r, d in zip(rhs, in_dims[3:])]
+        tensors = (anchor, P_values, A_values, *rhs)
+        dims = (*in_dims[:3], *in_dims[5:])
         if in_dims[0] is not None:
-            anchor = anchor.movedim(in_dims[0], 0).flatten(0, 1)
-            outs = _KKTSolve.apply(anchor, call, kind, *(r.flatten(0, 1) for r in rhs))
+            merged = [(t.expand(V, *t.shape) if d is None else t.movedim(d, 0)).flatten(0, 1)
+                      for t, d in zip(tensors, dims)]
+            outs = _KKTSolve.apply(*merged[:3], call, kind, *merged[3:])
             outs = tuple(o.unflatten(0, (V, -1)) for o in outs)
         else:
-            per = [_KKTSolve.apply(anchor, call, kind, *(r[k] for r in rhs)) for k in range(V)]
+            lead = [t if d is None else t.movedim(d, 0) for t, d in zip(tensors, dims)]
+            per = []
+            for k in range(V):
+                ts = [t if d is None else t[k] for t, d in zip(lead, dims)]
+                per.append(_KKTSolve.apply(*ts[:3], call, kind, *ts[3:]))
             outs = tuple(torch.stack(o) for o in zip(*per))
         return outs, (0,) * len(outs)
 

@@ -223,15 +223,19 @@ def test_psd_variable_and_dual_of_psd_constraint():
     assert np.allclose(Zd.numpy(), cons[0].dual_value, atol=1e-6)
 
 
-def test_double_backward_raises_clear_error():
+def test_double_backward_matches_closed_form():
+    """Sparsemax: ``x = z − τ`` on the support S, so ``∂x/∂z = I − 11ᵀ/|S|`` there and the
+    Hessian of ``Σx²`` is ``2 JᵀJ`` (more in tests/test_higher_order.py)."""
     case = sparsemax_case(3)
     prob, params, variables = case.build()
-    layer = CvxpyLayer(prob, params, variables)
+    layer = CvxpyLayer(prob, params, variables, solver_args=TIGHT)
     z = torch.tensor([0.2, 0.5, 0.1], dtype=torch.float64, requires_grad=True)
     (sol,) = layer(z)
     (g,) = torch.autograd.grad((sol**2).sum(), z, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
+    H = torch.stack([torch.autograd.grad(g[k], z, retain_graph=True)[0] for k in range(3)])
+    on = (sol.detach() > 0).to(z.dtype)
+    J = torch.diag(on) - torch.outer(on, on) / on.sum()
+    assert torch.allclose(H, 2 * J.T @ J, atol=1e-8)
 
 
 def test_sparse_kkt_path_matches_dense():

@@ -182,6 +182,21 @@ def _refuse_torch_func(name: str, *tensors) -> None:
         )
 
 
+def _first_order_only(name: str, grad_c: torch.Tensor, c: torch.Tensor) -> tuple:
+    """A surrogate's backward result (``grad_c``, then None for the other inputs). Under
+    ``create_graph=True`` the gradient is tied to ``c`` through a node that raises when
+    differentiated (the estimators have no derivative of their own): a clear error instead of
+    a silently zero second derivative."""
+    if torch.is_grad_enabled():
+        err = torch._C._functions.DelayedError(
+            f"second-order derivatives are not available through the {name} surrogate "
+            "gradient: its backward is an estimator, not a differentiable function. Use "
+            "gradient='exact' (exact second derivatives for LPs and QPs) or differentiate once.",
+            2)
+        grad_c, _ = err(grad_c.detach().requires_grad_(), c)
+    return grad_c, None, None, None, None, None
+
+
 def _expand(t, M):
     return None if t is None else t.repeat(M, *([1] * (t.ndim - 1)))
 
@@ -198,18 +213,18 @@ class _PerturbedFn(torch.autograd.Function):
         cc = (c.unsqueeze(0) + mode.sigma * Z).reshape(M * B, n)
         x, y, s = _plain_solve(_expand(P_values, M), cc, _expand(A_values, M), _expand(b, M), call)
         xs, ys, ss = (t.reshape(M, B, -1) for t in (x, y, s))
-        ctx.save_for_backward(Z, xs, ys, ss)
+        ctx.save_for_backward(c, Z, xs, ys, ss)
         ctx.sigma = mode.sigma
         return xs.mean(0), ys.mean(0), ss.mean(0)
 
     @staticmethod
     def backward(ctx, gx, gy, gs):
-        Z, xs, ys, ss = ctx.saved_tensors
+        c, Z, xs, ys, ss = ctx.saved_tensors
         # d/dc E[f(c + σZ)] = E[f(c + σZ) Z] / σ for Gaussian Z, applied to f = ⟨g, solution⟩
         w = (gx.unsqueeze(0) * xs).sum(-1)
         w = w + (gy.unsqueeze(0) * ys).sum(-1) + (gs.unsqueeze(0) * ss).sum(-1)
         grad_c = (w.unsqueeze(-1) * Z).mean(0) / ctx.sigma
-        return grad_c, None, None, None, None, None
+        return _first_order_only("Perturbed", grad_c, c)
 
 
 @dataclass(frozen=True)
@@ -290,7 +305,7 @@ class _LPGDFn(torch.autograd.Function):
             grad_c = (x_tau - x_back) / (2 * mode.tau)
         else:
             grad_c = (x_tau - x) / mode.tau
-        return grad_c, None, None, None, None, None
+        return _first_order_only("LPGD", grad_c, c)
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,8 @@ class Solution:
         dual_residual: ``‖Px + Aᵀy + c‖∞`` per item.
         gap: ``|sᵀy|`` per item (complementarity).
         solve_time: wall-clock seconds per item.
+        errors: ``{item: "ExceptionType: message"}`` for the items whose solve raised (their
+            status is ``NUMERICAL_ERROR``).
     """
 
     x: torch.Tensor
@@ -175,6 +177,7 @@ class Solution:
     gap: list[float] = field(default_factory=list)
     solve_time: list[float] = field(default_factory=list)
     differentiator: Differentiator | None = None
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class Differentiator(Protocol):
@@ -251,6 +254,7 @@ class ItemResult:
     status: Status
     iterations: int = 0
     solve_time: float = 0.0
+    error: Exception | None = None  # what the backend raised for this item, if it did
 
 
 #: Largest ``B·(n + m)²`` for which a per-item backend's derivative runs on one torch thread
@@ -269,8 +273,9 @@ class PerItemBackend(Backend):
     faster than one (``benchmarks/bench_parallel.py``). While the pool runs, BLAS/OpenMP
     libraries are limited to ``max(1, cores // n_jobs)`` threads (threadpoolctl), so the
     workers do not oversubscribe the cores. Every item's answer is the same whichever thread
-    solved it; an exception raised while solving an item propagates to the caller, and statuses
-    stay per item and in order.
+    solved it, and statuses stay per item and in order. An exception raised while solving some
+    items makes those items ``NUMERICAL_ERROR`` (its text in the solution's ``errors``; the
+    others keep their answers); raised for every item (a bad option), it propagates.
 
     Example:
         >>> from diffopt.solvers import get_backend
@@ -335,13 +340,20 @@ class PerItemBackend(Backend):
         )
 
         def solve_item(i: int) -> ItemResult:
-            return self.solve_one(data.P(i), data.c[i], data.A(i), data.b[i], data.dims, options)
+            try:
+                return self.solve_one(data.P(i), data.c[i], data.A(i), data.b[i], data.dims,
+                                      options)
+            except Exception as exc:  # one item's failure keeps the others' answers
+                return ItemResult(None, None, None, Status.NUMERICAL_ERROR, error=exc)
 
         if n_jobs == 1:
             results = [solve_item(i) for i in range(B)]
         else:
             with _blas_limit(max(1, cores // n_jobs)), one_torch_thread():
                 results = parallel_map(solve_item, B, n_jobs)
+        errors = {i: r.error for i, r in enumerate(results) if r.error is not None}
+        if len(errors) == B:  # every item: a bad option or a broken solver, not the data
+            raise errors[0]
         ref = program.c
         n, m = program.n, program.m
 
@@ -360,6 +372,7 @@ class PerItemBackend(Backend):
             status=[r.status for r in results],
             iterations=[r.iterations for r in results],
             solve_time=[r.solve_time for r in results],
+            errors={i: f"{type(e).__name__}: {e}" for i, e in errors.items()},
         )
 
 
@@ -434,6 +447,7 @@ if hasattr(os, "register_at_fork"):  # a forked child has the pools but not thei
     os.register_at_fork(after_in_child=_pool.cache_clear)
 
 _in_worker = threading.local()
+_SIGNAL_POLL = 0.1  # seconds between the caller's checks for signals while the pool works
 
 
 def parallel_map(fn: Callable[[int], Any], count: int, n_jobs: int) -> list:
@@ -444,7 +458,9 @@ def parallel_map(fn: Callable[[int], Any], count: int, n_jobs: int) -> list:
     releases the GIL for most of its time (Clarabel, SCS and ECOS solves; the torch kernels of
     the native solver's chunks). If ``fn`` raises, the threads take no further index and the
     first exception propagates once all have stopped. Called from inside a worker (nested), it
-    runs serially, so a pool never waits on itself.
+    runs serially, so a pool never waits on itself. An exception in the caller while it waits
+    (Ctrl-C's KeyboardInterrupt) propagates at once and the workers stop after the items in
+    hand; the pool's threads stay, idle, for the next call.
 
     Example:
         >>> from diffopt.solvers.base import parallel_map
@@ -474,8 +490,16 @@ def parallel_map(fn: Callable[[int], Any], count: int, n_jobs: int) -> list:
             _in_worker.active = False
 
     workers = min(n_jobs, count)
-    futures = [_pool(workers).submit(work) for _ in range(workers)]
-    wait(futures)
+    futures = []
+    try:
+        for _ in range(workers):
+            futures.append(_pool(workers).submit(work))
+        pending = set(futures)
+        while pending:  # timed waits: a SIGINT that lands just before a wait is seen in 0.1 s
+            pending = wait(pending, timeout=_SIGNAL_POLL).not_done
+    except BaseException:  # KeyboardInterrupt in the caller: the workers take no further index
+        failed.set()
+        raise
     for future in futures:
         future.result()
     return out

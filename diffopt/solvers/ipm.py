@@ -71,8 +71,10 @@ few damped Newton steps on ``[Px + Aᵀy + c; Ax + s − b; s ∘ y − μ] = 0`
 
 Known limits: inconsistent *and* rank-deficient equality rows end as ``NUMERICAL_ERROR`` rather
 than ``INFEASIBLE``; constraints active with a zero multiplier (no strict complementarity)
-converge only like ``√μ``, and there ``K`` (hence the derivative) is ill-conditioned; there is no
-data equilibration, so badly scaled data needs scaling by the caller.
+converge only like ``√μ``, and there ``K`` (hence the derivative) is ill-conditioned. Objectives
+far from unit size are scaled to it by a power of two per item (``_objective_scale``; not with
+``mu > 0``); the constraint rows are not equilibrated, so badly scaled constraint data needs
+scaling by the caller.
 """
 
 from __future__ import annotations
@@ -183,6 +185,10 @@ _WEAK_REG = 1e-8
 # boundary, the next factorization was too ill-conditioned (an integer-cost item at relative
 # error 3e-9 stepped to 1 − 3e-9 of the boundary, then took 22 more iterations).
 _STEP_GAP_MIN = 1e-6
+# Objectives whose scale max(‖P‖∞, ‖c‖∞) lies outside [2^-6, 2^6] are scaled to 1 (see
+# _objective_scale): with costs of 1e5-1e8, the start x ≈ −c and μ ~ 1e10 left the iterations
+# to fail (NUMERICAL_ERROR / MAX_ITERATIONS on 2-variable box QPs) or certified UNBOUNDED at once.
+_OBJECTIVE_BAND = 6
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary taken by a combined step
 _WARM_SHIFT = 1e-3  # distance from the boundary of a warm-started point (relative)
 
@@ -1047,6 +1053,62 @@ def _slice_program(program: ConeProgram, lo: int, hi: int) -> ConeProgram:
     return _map_data(program, lambda t: t if t.shape[0] == 1 else t[lo:hi])
 
 
+def _objective_scale(program: ConeProgram) -> Tensor | None:
+    """Per item, the power of two ``σ`` that brings ``max(‖P‖∞, ‖c‖∞)`` to about 1, or None when
+    every item's lies within ``2^±_OBJECTIVE_BAND`` (nothing is scaled then).
+
+    Solving ``(σP, σc, A, b)`` gives ``(x, σy, s)``: the same point, with duals in units where the
+    residual tests and certificates, written relative to 1 and to ``‖c‖``, mean what they say.
+    Powers of two scale exactly.
+    """
+    mag = _inf_norm(program.c)
+    if program.P_values is not None and program.P_values.shape[1]:
+        mag = torch.maximum(mag, _inf_norm(program.P_values).expand_as(mag))
+    e = torch.where(mag > 0, torch.log2(mag).round(), torch.zeros_like(mag))
+    e = torch.where(e.abs() > _OBJECTIVE_BAND, e, torch.zeros_like(e))
+    if not bool((e != 0).any()):
+        return None
+    return torch.exp2(-e)
+
+
+def _scale_objective(program: ConeProgram, sigma: Tensor) -> ConeProgram:
+    """``program`` with ``P`` and ``c`` multiplied by ``σ`` per item (a shared ``P`` stays
+    shared when every item has the same ``σ``)."""
+    same = bool((sigma == sigma[0]).all())
+    f = float(sigma[0]) if same else sigma.unsqueeze(1)
+    P = None if program.P_values is None else program.P_values * f
+    return dataclasses.replace(program, c=program.c * f, P_values=P)
+
+
+class _ScaledDifferentiator:
+    """The derivative of a program from that of its objective-scaled version (see
+    :func:`_objective_scale`): there the solution is ``(x, σy, s)`` and the residual rows are
+    ``(σR₁, R₂)``, so the tangent map is ``diag(1, 1/σ, 1) ∘ T_σ ∘ diag(σ, 1)`` and the adjoint
+    its transpose."""
+
+    def __init__(self, inner: _IPMDifferentiator, sigma: Tensor) -> None:
+        self.inner, self.sigma = inner, sigma
+
+    @property
+    def degenerate(self) -> Tensor:
+        return self.inner.degenerate
+
+    @property
+    def fallback(self) -> Tensor:
+        return self.inner.fallback
+
+    def _col(self, v: Tensor) -> Tensor:
+        return self.sigma.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
+
+    def adjoint(self, gx: Tensor, gy: Tensor, gs: Tensor) -> tuple[Tensor, Tensor]:
+        lx, lv = self.inner.adjoint(gx, gy / self._col(gy), gs)
+        return lx * self._col(lx), lv
+
+    def tangent(self, dr1: Tensor, dr2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dx, dy, ds = self.inner.tangent(dr1 * self._col(dr1), dr2)
+        return dx, dy / self._col(dy), ds
+
+
 class _ChunkedDifferentiator:
     """The differentiators of consecutive chunks of a batch, used as one."""
 
@@ -1214,6 +1276,13 @@ class NativeIPM(Backend):
                 sub = _slice_program(program, lo, hi)
                 if opts["warm_start"] is not None:
                     sub_opts = {**opts, "warm_start": tuple(v[lo:hi] for v in opts["warm_start"])}
+            # Not with mu > 0: the central path s∘y = μ is not invariant under y -> σy.
+            sigma = _objective_scale(sub) if float(opts["mu"]) == 0.0 else None
+            if sigma is not None:
+                sub = _scale_objective(sub, sigma)
+                if sub_opts["warm_start"] is not None:
+                    wx, wy, ws = _warm_point(sub_opts["warm_start"], sub.n, sub.m, sub.c)
+                    sub_opts = {**sub_opts, "warm_start": (wx, wy * sigma.unsqueeze(1), ws)}
             # Inference mode: ~15 % less overhead per operation than no_grad on small problems.
             # The iterates and the factorization stay inference tensors (read-only from here);
             # the returned solution is copied out of them.
@@ -1223,6 +1292,12 @@ class NativeIPM(Backend):
             out.differentiator = _IPMDifferentiator(
                 kkt, opts["refine"] + 3, dims.zero, out.s, out.y, exact=float(opts["mu"]) == 0.0,
                 one_thread=small)
+            if sigma is not None:
+                out.y = out.y / sigma.unsqueeze(1)
+                inv = (1.0 / sigma).tolist()
+                out.dual_residual = [r * f for r, f in zip(out.dual_residual, inv)]
+                out.gap = [g * f for g, f in zip(out.gap, inv)]
+                out.differentiator = _ScaledDifferentiator(out.differentiator, sigma)
             return out
 
         spans = list(itertools.pairwise(bounds))

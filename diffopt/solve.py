@@ -33,7 +33,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
-from diffopt.errors import InputError, SolverError
+from diffopt.errors import InputError, ProblemError, SolverError
 from diffopt.solvers.base import Backend, ConeProgram, SparsePattern, Status, one_torch_thread
 from diffopt.solvers.options import select_backend, translate
 

@@ -28,31 +28,11 @@ from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
 from diffopt.errors import InputError, ProblemError, SolverError
 from diffopt.solvers import get_backend
-from diffopt.solvers.base import Backend, ConeProgram, SparsePattern, Status, one_torch_thread
+from diffopt.solvers.base import (Backend, ConeProgram, SparsePattern, Status, add_cols,
+                                  one_torch_thread, pattern_matvec, take_cols)
 
 #: solver_args keys consumed by diffopt itself (everything else goes to the backend).
 CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
-
-
-def take_cols(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``u[:, idx]`` for a ``(B, k)`` batch, as a gather (2-3x faster than indexing on CPU; its
-    backward is a scatter-add, not an accumulating index_put)."""
-    return torch.gather(u, 1, idx.expand(u.shape[0], -1))
-
-
-def add_cols(size: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``out[:, idx] += src`` into zeros of shape ``(B, size)``: a scatter-add, whose backward is
-    a gather (out of place: vmap-safe)."""
-    out = src.new_zeros(src.shape[0], size)
-    return out.scatter_add(1, idx.expand(src.shape[0], -1), src)
-
-
-def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False):
-    """``M @ vec`` (or ``Mᵀ @ vec``) for a batch of sparse ``M`` with a shared pattern."""
-    rows = torch.as_tensor(pattern.rows, device=vec.device)
-    cols = torch.as_tensor(pattern.cols, device=vec.device)
-    src, dst, size = (rows, cols, pattern.shape[1]) if transpose else (cols, rows, pattern.shape[0])
-    return add_cols(size, dst, values * take_cols(vec, src))
 
 
 def _outer_on_pattern(pattern: SparsePattern, *pairs):

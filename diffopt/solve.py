@@ -26,13 +26,14 @@ from torch.autograd.function import once_differentiable
 
 from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
+from diffopt.diff.refine import refine_solution
 from diffopt.errors import InputError, ProblemError, SolverError
 from diffopt.solvers import get_backend
 from diffopt.solvers.base import (Backend, ConeProgram, SparsePattern, Status, add_cols,
                                   one_torch_thread, pattern_matvec, take_cols)
 
 #: solver_args keys consumed by diffopt itself (everything else goes to the backend).
-CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
+CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt", "refine")
 
 
 def _outer_on_pattern(pattern: SparsePattern, *pairs):
@@ -79,6 +80,8 @@ class SolveInfo:
         gap: ``|sᵀy|`` per item.
         degenerate: per item, True when its KKT system was singular and the gradient came from
             a least-squares solve (None until a derivative was computed).
+        refine_steps: per item, the Newton steps of solution refinement kept (0: the backend's
+            answer as it came; empty when refinement did not run).
     """
 
     status: list[Status]
@@ -88,6 +91,7 @@ class SolveInfo:
     dual_residual: list[float] = field(default_factory=list)
     gap: list[float] = field(default_factory=list)
     degenerate: list[bool] | None = None
+    refine_steps: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> list[bool]:
@@ -107,6 +111,7 @@ class _Call:
     on_failure: str = "raise"
     allow_inaccurate: bool = False
     kkt: str = "auto"
+    refine: bool | str = "auto"
     info: SolveInfo | None = None
     # filled by forward, in the solution's dtype (float64 for the CPU conic backends)
     program: ConeProgram | None = None
@@ -150,6 +155,8 @@ class _ConeSolve(torch.autograd.Function):
         program = ConeProgram(call.P_pattern, P_values if call.P_pattern is not None else None,
                               c, call.A_pattern, A_values, b, call.dims)
         sol = call.backend.solve(program, call.options)
+        sol = refine_solution(program, sol, call.refine, call.kkt,
+                              call.backend.one_thread_derivative(program, call.options))
         ok_status = [st.ok or (call.allow_inaccurate and st is Status.INACCURATE)
                      for st in sol.status]
         dt, dev = sol.x.dtype, sol.x.device
@@ -174,6 +181,7 @@ class _ConeSolve(torch.autograd.Function):
             status=list(sol.status), iterations=list(sol.iterations),
             solve_time=list(sol.solve_time), primal_residual=list(residuals[0]),
             dual_residual=list(residuals[1]), gap=list(residuals[2]),
+            refine_steps=list(sol.refine_steps),
         )
         call.info = info
         failed = {i: st for i, (st, good) in enumerate(zip(sol.status, ok_status)) if not good}
@@ -331,9 +339,12 @@ def make_call(solver_args: dict, solver: str, P_pattern: SparsePattern | None,
     on_failure = own.get("on_failure", "raise")
     if on_failure not in ("raise", "nan"):
         raise InputError(f"on_failure must be 'raise' or 'nan', received {on_failure!r}")
+    refine = own.get("refine", "auto")
+    if refine not in (True, False, "auto"):
+        raise InputError(f"refine must be True, False or 'auto', received {refine!r}")
     backend = select_backend(own.get("solver", solver), dims, P_pattern is not None)
     return _Call(P_pattern, A_pattern, dims, backend, args, on_failure,
-                 bool(own.get("allow_inaccurate", False)), own.get("kkt", "auto"))
+                 bool(own.get("allow_inaccurate", False)), own.get("kkt", "auto"), refine)
 
 
 # torch.compile: the solve (NumPy/C solvers, Python control flow) is a graph break and runs eagerly.

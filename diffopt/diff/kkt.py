@@ -74,8 +74,8 @@ def row_scale(program: ConeProgram, x: torch.Tensor, y: torch.Tensor,
     ``s' = ρs`` and ``y' = y/ρ``. ``ρᵢ = κ/‖aᵢ‖``: rows of unit norm (the largest norm of a
     cone's rows for all of them), times one factor ``κ`` per item that brings the duals (in
     the units of ``c``) and the slacks (in those of ``x``) to one magnitude,
-    ``κ² = max(‖c‖∞, ‖Px‖∞) / max(‖x‖∞, ‖b/‖a‖‖∞)``. Rows of zeros and items without a scale
-    keep 1.
+    ``κ² = max(‖c‖∞, ‖Px‖∞, max|P|·‖x‖∞) / max(‖x‖∞, ‖b/‖a‖‖∞)`` (scales of the data, not of
+    ``y``, whose inactive entries are noise). Rows of zeros and items without a scale keep 1.
     """
     A = program.A_values
     B, m = program.b.shape
@@ -86,10 +86,12 @@ def row_scale(program: ConeProgram, x: torch.Tensor, y: torch.Tensor,
     norm = norm.new_zeros(B, int(blocks[0, -1]) + 1 if m else 0).scatter_reduce(
         1, blocks, norm, "amax").gather(1, blocks)
     inv = torch.where(norm > 0, 1 / norm, torch.ones_like(norm))
+    size = inf_norm(x)
     dual = inf_norm(program.c)
     if program.P_values is not None and program.P_pattern is not None:
-        dual = torch.maximum(dual, inf_norm(pattern_matvec(program.P_values, program.P_pattern, x)))
-    primal = torch.maximum(inf_norm(x), inf_norm(program.b * inv))
+        Px = inf_norm(pattern_matvec(program.P_values, program.P_pattern, x))
+        dual = torch.maximum(dual, torch.maximum(Px, inf_norm(program.P_values) * size))
+    primal = torch.maximum(size, inf_norm(program.b * inv))
     ok = (dual > 0) & (primal > 0) & torch.isfinite(dual) & torch.isfinite(primal)
     kappa = torch.where(ok, (dual / torch.where(ok, primal, 1.0)).sqrt(), 1.0)
     return inv * kappa[:, None]

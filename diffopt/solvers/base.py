@@ -184,6 +184,7 @@ class Solution:
         dual_residual: ``‖Px + Aᵀy + c‖∞`` per item.
         gap: ``|sᵀy|`` per item (complementarity).
         solve_time: wall-clock seconds per item.
+        refine_steps: Newton steps of solution refinement kept per item (empty: not refined).
     """
 
     x: torch.Tensor
@@ -196,6 +197,7 @@ class Solution:
     gap: list[float] = field(default_factory=list)
     solve_time: list[float] = field(default_factory=list)
     differentiator: Differentiator | None = None
+    refine_steps: list[int] = field(default_factory=list)
 
 
 class Differentiator(Protocol):
@@ -362,7 +364,8 @@ class PerItemBackend(Backend):
             out = np.full((B, size), np.nan)
             for i, r in enumerate(results):
                 val = getattr(r, attr)
-                if r.status.ok and val is not None:
+                # inaccurate answers too: refinement may finish them, allow_inaccurate use them
+                if (r.status.ok or r.status is Status.INACCURATE) and val is not None:
                     out[i] = val if not rows or unpermute is None else val[unpermute]
             return torch.as_tensor(out, dtype=ref.dtype).to(ref.device)
 

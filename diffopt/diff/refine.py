@@ -12,9 +12,9 @@ refinement at regular points of conic problems", 2019),
 drive ``(x, y, s) = (x, Π(v), Π(v) − v)`` to machine precision at regular points. Every step is
 one factorization of ``J`` by :class:`~diffopt.diff.kkt.KKTDifferentiator`, for the items still
 refining, in the row-scaled coordinates the derivative uses. An item keeps a step only when it
-lowers its relative residual (:func:`relative_residual`, which also counts the complementarity
-gap and the distance of ``s`` and ``y`` to their cones), and stops refining at the first step
-that does not; an item no step helped keeps the backend's answer unchanged.
+lowers its relative residual (:func:`relative_residual`: primal, dual and gap), and stops
+refining at the first step that does not, or below ``100·eps``; an item no step helped keeps the
+backend's answer unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from diffopt.cones import proj_dual, proj_primal
+from diffopt.cones import proj_dual
 from diffopt.diff.kkt import KKTDifferentiator, inf_norm, row_scale
 from diffopt.solvers.base import (ConeProgram, Solution, Status, one_torch_thread,
                                   pattern_matvec)
@@ -83,18 +83,17 @@ def relative_residual(program: ConeProgram, x, y, s, rho, scales) -> torch.Tenso
     """The largest of the relative residuals of ``(x, y, s)``, per item, in the program with rows
     scaled by ``rho`` (so that a row's scale does not weigh it), over the ``scales`` of
     :func:`residual_scales`: primal ``‖ρ(Ax + s − b)‖∞`` and dual ``‖Px + Aᵀy + c‖∞`` over their
-    scales, the gap ``|sᵀy|`` over their product, and the distances of ``ρs`` to ``K`` and of
-    ``y/ρ`` to ``K*`` over the primal and dual scales. Non-finite values count as infinite."""
-    dims = program.dims
+    scales, and the gap ``|sᵀy|`` over their product. Non-finite values count as infinite.
+
+    The distances of ``s`` to ``K`` and ``y`` to ``K*`` are left out: they are zero at the refined
+    points (Moreau's decomposition), so leaving them out of the backend's answer only makes a
+    step harder to keep."""
     primal, dual = scales
     Ax, Aty, Px = _products(program, x, y)
-    sp, yp = s * rho, y / rho
     parts = [
         inf_norm(rho * (Ax + s - program.b)) / primal,
         inf_norm(Px + Aty + program.c) / dual,
-        (sp * yp).sum(1).abs() / primal / dual,
-        inf_norm(sp - proj_primal(sp, dims)) / primal,
-        inf_norm(yp - proj_dual(yp, dims)) / dual,
+        (s * y).sum(1).abs() / primal / dual,
     ]
     out = torch.stack(parts).amax(0)
     return torch.where(torch.isfinite(out), out, torch.inf)
@@ -128,18 +127,17 @@ def refine(program: ConeProgram, x, y, s, candidates: torch.Tensor, method: str 
     before = relative_residual(program, x0, y0, s0, rho, scales)
     x, y, s, best = x0.clone(), y0.clone(), s0.clone(), before.clone()
     v = y0 / rho - s0 * rho  # the current iterate, in the scaled coordinates of J
+    pv = proj_dual(v, program.dims)  # and Π(v): y' and s' = Π(v) − v by Moreau's decomposition
     steps = torch.zeros(B, dtype=torch.long, device=x.device)
-    floor = 10 * torch.finfo(x.dtype).eps  # nothing left to gain below it
+    floor = 100 * torch.finfo(x.dtype).eps  # nothing left to gain below it
     active = candidates & (before > floor)
     for _ in range(max_steps):
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
             break
         sub, r = _items(program, idx), rho[idx]
-        xi, vi = x[idx], v[idx]
-        # (y, s) of the iterate, from Moreau's decomposition in the scaled coordinates
-        pv = proj_dual(vi, program.dims)
-        yi, si = pv * r, (pv - vi) / r
+        xi, vi, pi = x[idx], v[idx], pv[idx]
+        yi, si = pi * r, (pi - vi) / r
         r1 = pattern_matvec(sub.A_values, sub.A_pattern, yi, transpose=True) + sub.c
         if sub.P_values is not None and sub.P_pattern is not None:
             r1 = r1 + pattern_matvec(sub.P_values, sub.P_pattern, xi)
@@ -153,8 +151,8 @@ def refine(program: ConeProgram, x, y, s, candidates: torch.Tensor, method: str 
         res = relative_residual(sub, xn, yn, sn, r, (scales[0][idx], scales[1][idx]))
         better = res < best[idx]
         keep = idx[better]
-        x[keep], y[keep], s[keep], best[keep], v[keep] = (
-            xn[better], yn[better], sn[better], res[better], vn[better])
+        x[keep], y[keep], s[keep], best[keep], v[keep], pv[keep] = (
+            xn[better], yn[better], sn[better], res[better], vn[better], pn[better])
         steps[keep] += 1
         active[idx] = better & (res > floor)
     return Refinement(x, y, s, steps, before, best)
@@ -165,9 +163,11 @@ def refine_solution(program: ConeProgram, sol: Solution, mode, method: str = "au
     """``sol`` refined per ``mode`` (``True``, ``False`` or ``"auto"``), statuses updated.
 
     Refines the solutions of backends that come without their own derivative (the per-item
-    backends); ``"auto"`` does so for every cone (see the measurements in ``docs/solvers.rst``).
-    Items ``OPTIMAL`` or ``INACCURATE`` are refined; an ``INACCURATE`` item whose refined
-    relative residual is at most :data:`ACCEPT_TOL` becomes ``OPTIMAL``. ``sol.refine_steps``
+    backends): items ``OPTIMAL`` or ``INACCURATE``, except that ``"auto"`` refines only the
+    ``INACCURATE`` items of LPs and QPs (zero and nonnegative cones), whose interior-point answers
+    are accurate already and whose degenerate vertices make every step a least-squares solve
+    (see ``docs/solvers.rst``). An ``INACCURATE`` item whose refined relative residual is at
+    most :data:`ACCEPT_TOL` becomes ``OPTIMAL``. ``sol.refine_steps``
     records the Newton steps kept per item. ``one_thread``: run on one torch thread (as the
     derivative does, see :meth:`~diffopt.solvers.base.Backend.one_thread_derivative`).
     """
@@ -175,11 +175,12 @@ def refine_solution(program: ConeProgram, sol: Solution, mode, method: str = "au
         return sol
     status = sol.status
     dt = sol.x.dtype
-    cand = torch.tensor([st in (Status.OPTIMAL, Status.INACCURATE) for st in status],
-                        device=sol.x.device)
+    conic = bool(program.dims.soc or program.dims.psd or program.dims.exp)
+    wanted = (Status.OPTIMAL, Status.INACCURATE) if mode is True or conic else (Status.INACCURATE,)
+    cand = torch.tensor([st in wanted for st in status], dtype=torch.bool, device=sol.x.device)
     cand &= torch.isfinite(torch.cat([sol.x, sol.y, sol.s], 1)).all(1)
     if not bool(cand.any()):
-        return sol
+        return replace(sol, refine_steps=[0] * len(status))
     work = replace(program, c=program.c.detach().to(dt), b=program.b.detach().to(dt),
                    A_values=program.A_values.detach().to(dt),
                    P_values=None if program.P_values is None else program.P_values.detach().to(dt))

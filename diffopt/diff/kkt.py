@@ -536,7 +536,8 @@ class KKTDifferentiator:
 
     def _solve(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:
         r = rhs if self.elim is None else self.elim.reduce_rhs(rhs, adjoint)
-        # J = diag(1/d_r) J̃ diag(1/d_c): J z = r is J̃ (z/d_c) = d_r r, Jᵀλ = g is J̃ᵀ(λ/d_r) = d_c g.
+        # J = diag(1/d_r) J̃ diag(1/d_c): J z = r is J̃ (z/d_c) = d_r r,
+        # and Jᵀλ = g is J̃ᵀ(λ/d_r) = d_c g.
         d_in, d_out = (self.d_c, self.d_r) if adjoint else (self.d_r, self.d_c)
         r = r * d_in
         z = self._solve_dense(r, adjoint) if self.method == "dense" else \

@@ -11,7 +11,7 @@ import torch
 
 import diffopt.diff.refine as refine_module
 from diffopt import CvxpyLayer, InputError, QPLayer, Status
-from problems import _proj_soc
+from problems import _proj_soc, soc_case
 
 F64 = torch.float64
 
@@ -33,15 +33,42 @@ def _soc_projection_batch():
     return layer, torch.tensor(Z), torch.tensor(S)
 
 
+# CVXPY's form of ‖x‖ ≤ t has an auxiliary t' with ‖x‖ ≤ t' ≤ t, not unique where the cone
+# constraint is inactive (points inside the cone): J is singular there, on main too.
+@pytest.mark.filterwarnings("ignore::diffopt.DegenerateWarning")
 def test_soc_projections_at_the_apex_are_solved_and_exact():
     layer, Z, S = _soc_projection_batch()
+    Z.requires_grad_(), S.requires_grad_()
     x, t = layer(Z, S)
     assert layer.info.status == [Status.OPTIMAL] * 16
     assert all(k >= 1 for k in layer.info.refine_steps)
     want = _proj_soc(torch.cat([S[:, None], Z], 1))
     got = torch.cat([t[:, None], x], 1)
-    assert float((got - want).abs().max()) <= 1e-12
-    assert float(got[:4].abs().max()) <= 1e-12  # the apex
+    assert float((got - want).detach().abs().max()) <= 1e-12
+    assert float(got[:4].detach().abs().max()) <= 1e-12  # the apex
+    # Gradients against autograd through the closed form (unrefined, 139 of 512 random SOC
+    # projections had a VJP more than 1e-6 off, the worst by 1.0).
+    g = torch.randn(got.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    # Items 4-9 sit on the polar cone's or the cone's boundary, where the projection has a kink.
+    gS, gZ = torch.autograd.grad(got, (S, Z), g)
+    rS, rZ = torch.autograd.grad(want, (S, Z), g)
+    smooth = torch.tensor([i not in range(4, 10) for i in range(16)])
+    assert torch.allclose(gS[smooth], rS[smooth], rtol=0, atol=1e-9)
+    assert torch.allclose(gZ[smooth], rZ[smooth], rtol=0, atol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::diffopt.DegenerateWarning")  # points inside the cone, above
+def test_random_soc_projection_gradients_match_the_closed_form():
+    # Unrefined, 139 of 512 such items (8 batches) had a VJP more than 1e-6 off the closed form's.
+    case = soc_case(5)
+    prob, params, variables = case.build()
+    layer = CvxpyLayer(prob, params, variables, solver="clarabel")
+    (z,) = case.sample(np.random.default_rng(0), 64)
+    z.requires_grad_()
+    g = torch.randn(64, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    (got,) = torch.autograd.grad(layer(z)[0], z, g)
+    (want,) = torch.autograd.grad(case.reference(z)[0], z, g)
+    assert float((got - want).abs().max()) <= 1e-9
 
 
 def test_portfolio_socp_batch_has_no_false_failures():

@@ -173,13 +173,16 @@ def refine_solution(program: ConeProgram, sol: Solution, mode, method: str = "au
     are accurate already and whose degenerate vertices make every step a least-squares solve
     (see ``docs/solvers.rst``). An ``INACCURATE`` item whose refined relative residual is at
     most :data:`ACCEPT_TOL` becomes ``OPTIMAL``. ``sol.refine_steps``
-    records the Newton steps kept per item. ``one_thread``: run on one torch thread (as the
+    records the Newton steps kept per item. The solution comes back in float64 (the derivative
+    is then computed in float64 too). ``one_thread``: run on one torch thread (as the
     derivative does, see :meth:`~diffopt.solvers.base.Backend.one_thread_derivative`).
     """
     if mode is False or sol.differentiator is not None:
         return sol
     status = sol.status
-    dt = sol.x.dtype
+    # float64 whatever the inputs' dtype: refining in float32 gains nothing (its floor is 1e-5)
+    dt = torch.float32 if sol.x.device.type == "mps" else torch.float64
+    sol = replace(sol, x=sol.x.to(dt), y=sol.y.to(dt), s=sol.s.to(dt))
     conic = bool(program.dims.soc or program.dims.psd or program.dims.exp)
     wanted = (Status.OPTIMAL, Status.INACCURATE) if mode is True or conic else (Status.INACCURATE,)
     cand = torch.tensor([st in wanted for st in status], dtype=torch.bool, device=sol.x.device)

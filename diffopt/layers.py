@@ -15,8 +15,8 @@ from diffopt.cones import ConeDims
 from diffopt.diff.smoothing import GradientMode, as_mode
 from diffopt.errors import InputError
 from diffopt.gp import GpReduction
-from diffopt.solve import SolveInfo, add_cols, make_call, select_backend, take_cols
-from diffopt.solvers.base import SparsePattern, plain
+from diffopt.solve import SolveInfo, make_call, select_backend
+from diffopt.solvers.base import SparsePattern, add_cols, plain, take_cols
 
 
 def _check_one_device(named: dict[str, torch.Tensor]) -> None:

@@ -33,33 +33,14 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
+from diffopt.diff.refine import refine_solution
 from diffopt.errors import InputError, ProblemError, SolverError
-from diffopt.solvers.base import Backend, ConeProgram, SparsePattern, Status, one_torch_thread
+from diffopt.solvers.base import (Backend, ConeProgram, SparsePattern, Status, one_torch_thread,
+                                  pattern_matvec, take_cols)
 from diffopt.solvers.options import select_backend, translate
 
 #: solver_args keys consumed by diffopt itself (everything else goes to the backend).
-CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt")
-
-
-def take_cols(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``u[:, idx]`` for a ``(B, k)`` batch, as a gather (2-3x faster than indexing on CPU; its
-    backward is a scatter-add, not an accumulating index_put)."""
-    return torch.gather(u, 1, idx.expand(u.shape[0], -1))
-
-
-def add_cols(size: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``out[:, idx] += src`` into zeros of shape ``(B, size)``: a scatter-add, whose backward is
-    a gather (out of place: vmap-safe)."""
-    out = src.new_zeros(src.shape[0], size)
-    return out.scatter_add(1, idx.expand(src.shape[0], -1), src)
-
-
-def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False):
-    """``M @ vec`` (or ``Mᵀ @ vec``) for a batch of sparse ``M`` with a shared pattern."""
-    rows = torch.as_tensor(pattern.rows, device=vec.device)
-    cols = torch.as_tensor(pattern.cols, device=vec.device)
-    src, dst, size = (rows, cols, pattern.shape[1]) if transpose else (cols, rows, pattern.shape[0])
-    return add_cols(size, dst, values * take_cols(vec, src))
+CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt", "refine")
 
 
 def _outer_on_pattern(pattern: SparsePattern, *pairs):
@@ -108,6 +89,8 @@ class SolveInfo:
             a least-squares solve (None until a derivative was computed).
         errors: ``{item: "ExceptionType: message"}`` for the items whose backend raised (status
             ``NUMERICAL_ERROR``; the other items keep their answers).
+        refine_steps: per item, the Newton steps of solution refinement kept (0: the backend's
+            answer as it came; empty when refinement did not run).
     """
 
     status: list[Status]
@@ -118,6 +101,7 @@ class SolveInfo:
     gap: list[float] = field(default_factory=list)
     degenerate: list[bool] | None = None
     errors: dict[int, str] = field(default_factory=dict)
+    refine_steps: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> list[bool]:
@@ -137,6 +121,7 @@ class _Call:
     on_failure: str = "raise"
     allow_inaccurate: bool = False
     kkt: str = "auto"
+    refine: bool | str = "auto"
     info: SolveInfo | None = None
     # filled by forward, in the solution's dtype (float64 for the CPU conic backends)
     program: ConeProgram | None = None
@@ -198,6 +183,8 @@ class _ConeSolve(torch.autograd.Function):
         program = ConeProgram(call.P_pattern, P_values if call.P_pattern is not None else None,
                               c, call.A_pattern, A_values, b, call.dims)
         sol = call.backend.solve(program, call.options)
+        sol = refine_solution(program, sol, call.refine, call.kkt,
+                              call.backend.one_thread_derivative(program, call.options))
         ok_status = [st.ok or (call.allow_inaccurate and st is Status.INACCURATE)
                      for st in sol.status]
         dt, dev = sol.x.dtype, sol.x.device
@@ -222,6 +209,7 @@ class _ConeSolve(torch.autograd.Function):
             status=list(sol.status), iterations=list(sol.iterations),
             solve_time=list(sol.solve_time), primal_residual=list(residuals[0]),
             dual_residual=list(residuals[1]), gap=list(residuals[2]), errors=dict(sol.errors),
+            refine_steps=list(sol.refine_steps),
         )
         call.info = info
         failed = {i: st for i, (st, good) in enumerate(zip(sol.status, ok_status)) if not good}
@@ -457,9 +445,12 @@ def make_call(solver_args: dict, solver: str, P_pattern: SparsePattern | None,
     on_failure = own.get("on_failure", "raise")
     if on_failure not in ("raise", "nan"):
         raise InputError(f"on_failure must be 'raise' or 'nan', received {on_failure!r}")
+    refine = own.get("refine", "auto")
+    if refine not in (True, False, "auto"):
+        raise InputError(f"refine must be True, False or 'auto', received {refine!r}")
     backend = select_backend(own.get("solver", solver), dims, P_pattern is not None, args)
     return _Call(P_pattern, A_pattern, dims, backend, args, on_failure,
-                 bool(own.get("allow_inaccurate", False)), own.get("kkt", "auto"))
+                 bool(own.get("allow_inaccurate", False)), own.get("kkt", "auto"), refine)
 
 
 # torch.compile: the solve (NumPy/C solvers, Python control flow) is a graph break and runs eagerly.

@@ -17,10 +17,19 @@ eliminated, with their rows, by a rank-one Schur complement (``_Elimination``).
 Items whose ``J`` is (numerically) singular — weakly active constraints, LP vertices with ties —
 are solved in the least-squares sense (minimum norm, through an SVD) and flagged in
 ``degenerate``.
+
+Both decisions are made on scaled quantities, so that rewriting a constraint ``x ≤ 1`` as
+``10⁻⁴x ≤ 10⁻⁴`` or scaling the objective gives the same derivative. ``J`` is built for the
+equivalent program whose rows are scaled by ``ρ`` (:func:`row_scale`: unit row norms, duals and
+slacks balanced), where ``y' = y/ρ`` and ``s' = ρs``, so ``D`` (the active sets) is decided at
+``v' = y' − s'``; and the singularity test reads the pivots of ``J`` equilibrated by rows and
+columns (:func:`_equilibrate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 
 import numpy as np
@@ -28,15 +37,82 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
-from diffopt.cones import dproj_dual
+from diffopt.cones import ConeDims, dproj_dual
 from diffopt.errors import DegenerateWarning
-from diffopt.solvers.base import ConeProgram, lu_factor
+from diffopt.solvers.base import ConeProgram, lu_factor, pattern_matvec
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """Float64 NumPy copy of a tensor, also from inside torch.func transforms (jvp/vmap)."""
     with torch._C._DisableFuncTorch():
         return t.detach().cpu().double().numpy()
+
+
+#: Sweeps of the row/column equilibration of ``J`` (each halves the spread of the scales' logs).
+EQUILIBRATE_SWEEPS = 6
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(dims: ConeDims) -> torch.Tensor:
+    """The cone block of each row: zero and nonnegative rows one each, a SOC, PSD or exp cone
+    one for all its rows (a cone is invariant under a uniform positive scaling only)."""
+    sizes = [1] * (dims.zero + dims.nonneg) + list(dims.soc)
+    sizes += [k * (k + 1) // 2 for k in dims.psd] + [3] * dims.exp
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+
+
+def inf_norm(t: torch.Tensor) -> torch.Tensor:
+    """``‖t_i‖∞`` per row of a ``(B, k)`` batch (0 for ``k = 0``)."""
+    return t.abs().amax(1) if t.shape[1] else t.new_zeros(t.shape[0])
+
+
+def row_scale(program: ConeProgram, x: torch.Tensor, y: torch.Tensor,
+              s: torch.Tensor) -> torch.Tensor:
+    """Positive row scales ``ρ`` ``(B, m)`` that make the KKT decisions scale-invariant.
+
+    Scaling row ``i`` of ``Ax + s = b`` by ``ρᵢ`` gives an equivalent program with
+    ``s' = ρs`` and ``y' = y/ρ``. ``ρᵢ = κ/‖aᵢ‖``: rows of unit norm (the largest norm of a
+    cone's rows for all of them), times one factor ``κ`` per item that brings the duals (in
+    the units of ``c``) and the slacks (in those of ``x``) to one magnitude,
+    ``κ² = max(‖c‖∞, ‖Px‖∞, max|P|·‖x‖∞) / max(‖x‖∞, ‖b/‖a‖‖∞)`` (scales of the data, not of
+    ``y``, whose inactive entries are noise). Rows of zeros and items without a scale keep 1.
+    """
+    A = program.A_values
+    B, m = program.b.shape
+    dev = A.device
+    rows = torch.as_tensor(program.A_pattern.rows, device=dev)
+    norm = A.new_zeros(B, m).index_add_(1, rows, A * A).sqrt()
+    blocks = _blocks(program.dims).to(dev).expand(B, -1)
+    norm = norm.new_zeros(B, int(blocks[0, -1]) + 1 if m else 0).scatter_reduce(
+        1, blocks, norm, "amax").gather(1, blocks)
+    inv = torch.where(norm > 0, 1 / norm, torch.ones_like(norm))
+    size = inf_norm(x)
+    dual = inf_norm(program.c)
+    if program.P_values is not None and program.P_pattern is not None:
+        Px = inf_norm(pattern_matvec(program.P_values, program.P_pattern, x))
+        dual = torch.maximum(dual, torch.maximum(Px, inf_norm(program.P_values) * size))
+    primal = torch.maximum(size, inf_norm(program.b * inv))
+    ok = (dual > 0) & (primal > 0) & torch.isfinite(dual) & torch.isfinite(primal)
+    kappa = torch.where(ok, (dual / torch.where(ok, primal, 1.0)).sqrt(), 1.0)
+    return inv * kappa[:, None]
+
+
+def _equilibrate(rows: np.ndarray, cols: np.ndarray, vals: torch.Tensor,
+                 N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ruiz scaling of ``J``: ``(d_r, d_c, values of diag(d_r) J diag(d_c))``, each row's and
+    column's largest entry brought near 1, so that the pivots of the LU compare numbers of one
+    magnitude (a well-posed ``J`` with ``P ≈ 5·10⁴`` next to unit ``A`` is not singular)."""
+    B = vals.shape[0]
+    r = torch.as_tensor(rows, device=vals.device).expand(B, -1)
+    c = torch.as_tensor(cols, device=vals.device).expand(B, -1)
+    d_r, d_c = vals.new_ones(B, N), vals.new_ones(B, N)
+    mag = vals.abs()
+    for _ in range(EQUILIBRATE_SWEEPS):
+        a = mag * d_r.gather(1, r) * d_c.gather(1, c)
+        for d, idx in ((d_r, r), (d_c, c)):
+            top = vals.new_zeros(B, N).scatter_reduce(1, idx, a, "amax")
+            d.mul_(torch.where(top > 0, top.rsqrt(), 1.0))
+    return d_r, d_c, vals * d_r.gather(1, r) * d_c.gather(1, c)
 
 
 #: Largest ``n + m`` factored densely (one batched LU); above it a sparse LU per item.
@@ -317,18 +393,27 @@ class KKTDifferentiator:
             sizes after the elimination).
         eliminate: first eliminate the auxiliary variables that one equality row each defines
             (see ``_Elimination``); the solutions are the same.
+        rho: the row scales (default: :func:`row_scale` at this point).
+        warn: warn (:class:`~diffopt.DegenerateWarning`) when items are degenerate.
 
     Attributes:
         degenerate: ``(B,)`` bool, True where ``J`` was singular and least squares was used.
+        rho: ``(B, m)`` row scales; ``J`` is that of the program with rows scaled by ``rho``.
+        v: ``(B, m)`` the point ``v' = y/ρ − ρs`` of the scaled program.
     """
 
     def __init__(self, program: ConeProgram, x, y, s, ok: torch.Tensor, method: str = "auto",
-                 eliminate: bool = True):
+                 eliminate: bool = True, rho: torch.Tensor | None = None, warn: bool = True):
         self.n, self.m = program.n, program.m
         self.ok = ok
         if method not in ("dense", "sparse", "auto"):
             raise ValueError(f"unknown KKT method {method!r}; expected 'dense', 'sparse' or 'auto'")
-        self.D = dproj_dual(y - s, program.dims)
+        self.rho = row_scale(program, x, y, s) if rho is None else rho
+        rows_A = torch.as_tensor(program.A_pattern.rows, device=self.rho.device)
+        program = dataclasses.replace(program, b=program.b * self.rho,
+                                      A_values=program.A_values * self.rho[:, rows_A])
+        self.v = y / self.rho - s * self.rho
+        self.D = dproj_dual(self.v, program.dims)
         layout = _layout(program, self.D)
         rows, cols, vals = layout.rows, layout.cols, _entry_values(program, self.D, layout)
         elim = _Elimination(layout, vals, ok) if eliminate else None
@@ -336,6 +421,7 @@ class KKTDifferentiator:
         if self.elim is not None:
             rows, cols, vals = self.elim.rows, self.elim.cols, self.elim.vals
         self.N = N = self.n + self.m if self.elim is None else self.elim.N
+        self.d_r, self.d_c, vals = _equilibrate(rows, cols, vals, N)
         if method == "auto":
             sparse = N > DENSE_LIMIT or (N > SPARSE_MIN and rows.size < SPARSE_DENSITY * N * N)
             method = "sparse" if sparse else "dense"
@@ -344,7 +430,7 @@ class KKTDifferentiator:
             self._factor_dense(rows, cols, vals)
         else:
             self._factor_sparse(rows, cols, vals)
-        if bool(self.degenerate.any()):
+        if warn and bool(self.degenerate.any()):
             items = torch.nonzero(self.degenerate).flatten().tolist()
             warnings.warn(
                 f"the KKT system of batch item(s) {items} is singular (degenerate solution: "
@@ -450,19 +536,27 @@ class KKTDifferentiator:
 
     def _solve(self, rhs: torch.Tensor, adjoint: bool) -> torch.Tensor:
         r = rhs if self.elim is None else self.elim.reduce_rhs(rhs, adjoint)
+        # J = diag(1/d_r) J̃ diag(1/d_c): J z = r is J̃ (z/d_c) = d_r r,
+        # and Jᵀλ = g is J̃ᵀ(λ/d_r) = d_c g.
+        d_in, d_out = (self.d_c, self.d_r) if adjoint else (self.d_r, self.d_c)
+        r = r * d_in
         z = self._solve_dense(r, adjoint) if self.method == "dense" else \
             self._solve_sparse(r, adjoint)
+        z = z * d_out
         return z if self.elim is None else self.elim.expand(z, rhs, adjoint)
 
     # -- the Differentiator protocol ----------------------------------------------------------
+    # J is that of the row-scaled program (A' = diag(ρ)A, b' = ρb, y' = y/ρ, s' = ρs): its
+    # right-hand sides and solutions are mapped through ρ, which leaves the gradients exact.
     def adjoint(self, gx, gy, gs):
-        # Outputs y = Π(v) and s = Π(v) − v pull back to g_v = D g_y + (D − I) g_s.
+        # Outputs y' = Π(v') and s' = Π(v') − v' pull back to g_v = D g_y' + (D − I) g_s'.
+        gy, gs = gy * self.rho, gs / self.rho
         gv = self.D.matvec(gy + gs) - gs
         lam = self._solve(-torch.cat([gx, gv], dim=1), adjoint=True)
-        return lam[:, : self.n], lam[:, self.n:]
+        return lam[:, : self.n], lam[:, self.n:] * self.rho  # ∇b = ρ∇b'
 
     def tangent(self, dr1, dr2):
-        dz = self._solve(-torch.cat([dr1, dr2], dim=1), adjoint=False)
+        dz = self._solve(-torch.cat([dr1, dr2 * self.rho], dim=1), adjoint=False)
         dx, dv = dz[:, : self.n], dz[:, self.n:]
         dy = self.D.matvec(dv)
-        return dx, dy, dy - dv
+        return dx, dy * self.rho, (dy - dv) / self.rho

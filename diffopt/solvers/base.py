@@ -97,6 +97,27 @@ class SparsePattern:
         return self.nnz == r * c and bool((self.rows * c + self.cols == np.arange(r * c)).all())
 
 
+def take_cols(u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``u[:, idx]`` for a ``(B, k)`` batch, as a gather (2-3x faster than indexing on CPU; its
+    backward is a scatter-add, not an accumulating index_put)."""
+    return torch.gather(u, 1, idx.expand(u.shape[0], -1))
+
+
+def add_cols(size: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out[:, idx] += src`` into zeros of shape ``(B, size)``: a scatter-add, whose backward is
+    a gather (out of place: vmap-safe)."""
+    out = src.new_zeros(src.shape[0], size)
+    return out.scatter_add(1, idx.expand(src.shape[0], -1), src)
+
+
+def pattern_matvec(values, pattern: SparsePattern, vec, transpose: bool = False):
+    """``M @ vec`` (or ``Mᵀ @ vec``) for a batch of sparse ``M`` with a shared pattern."""
+    rows = torch.as_tensor(pattern.rows, device=vec.device)
+    cols = torch.as_tensor(pattern.cols, device=vec.device)
+    src, dst, size = (rows, cols, pattern.shape[1]) if transpose else (cols, rows, pattern.shape[0])
+    return add_cols(size, dst, values * take_cols(vec, src))
+
+
 @dataclass
 class ConeProgram:
     """A batch of cone programs sharing one sparsity pattern.
@@ -165,6 +186,7 @@ class Solution:
         solve_time: wall-clock seconds per item.
         errors: ``{item: "ExceptionType: message"}`` for the items whose solve raised (their
             status is ``NUMERICAL_ERROR``).
+        refine_steps: Newton steps of solution refinement kept per item (empty: not refined).
     """
 
     x: torch.Tensor
@@ -178,6 +200,7 @@ class Solution:
     solve_time: list[float] = field(default_factory=list)
     differentiator: Differentiator | None = None
     errors: dict[int, str] = field(default_factory=dict)
+    refine_steps: list[int] = field(default_factory=list)
 
 
 class Differentiator(Protocol):
@@ -363,7 +386,8 @@ class PerItemBackend(Backend):
             out = np.full((B, size), np.nan)
             for i, r in enumerate(results):
                 val = getattr(r, attr)
-                if r.status.ok and val is not None:
+                # inaccurate answers too: refinement may finish them, allow_inaccurate use them
+                if (r.status.ok or r.status is Status.INACCURATE) and val is not None:
                     out[i] = val if not rows or unpermute is None else val[unpermute]
             return torch.as_tensor(out, dtype=ref.dtype).to(ref.device)
 

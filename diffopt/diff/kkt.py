@@ -54,10 +54,10 @@ EQUILIBRATE_SWEEPS = 6
 
 @functools.lru_cache(maxsize=64)
 def _blocks(dims: ConeDims) -> torch.Tensor:
-    """The cone block of each row: zero and nonnegative rows one each, a SOC, PSD or exp cone
+    """The cone block of each row: zero and nonnegative rows one each, a SOC, PSD, exp or power cone
     one for all its rows (a cone is invariant under a uniform positive scaling only)."""
     sizes = [1] * (dims.zero + dims.nonneg) + list(dims.soc)
-    sizes += [k * (k + 1) // 2 for k in dims.psd] + [3] * dims.exp
+    sizes += [k * (k + 1) // 2 for k in dims.psd] + [3] * (dims.exp + len(dims.pow))
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
 
 

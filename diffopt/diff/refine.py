@@ -183,7 +183,7 @@ def refine_solution(program: ConeProgram, sol: Solution, mode, method: str = "au
     # float64 whatever the inputs' dtype: refining in float32 gains nothing (its floor is 1e-5)
     dt = torch.float32 if sol.x.device.type == "mps" else torch.float64
     sol = replace(sol, x=sol.x.to(dt), y=sol.y.to(dt), s=sol.s.to(dt))
-    conic = bool(program.dims.soc or program.dims.psd or program.dims.exp)
+    conic = bool(program.dims.soc or program.dims.psd or program.dims.exp or program.dims.pow)
     wanted = (Status.OPTIMAL, Status.INACCURATE) if mode is True or conic else (Status.INACCURATE,)
     cand = torch.tensor([st in wanted for st in status], dtype=torch.bool, device=sol.x.device)
     cand &= torch.isfinite(torch.cat([sol.x, sol.y, sol.s], 1)).all(1)

@@ -88,13 +88,14 @@ def test_max_iters_is_each_backends_iteration_limit(solver):
         A, b = params
         prob = cp.Problem(cp.Minimize(cp.norm(A @ x - b) + cp.norm(x)), prob.constraints)
     layer = CvxpyLayer(prob, params, [x], solver=solver)
-    (sol,) = layer(*vals, solver_args={"max_iters": 2, "on_failure": "nan"})
+    # refine=False: Newton steps would finish this unconstrained QP from any iterate
+    (sol,) = layer(*vals, solver_args={"max_iters": 2, "on_failure": "nan", "refine": False})
     # SCS reports its iterate at max_iters as "solved (inaccurate)"
     expected = Status.INACCURATE if solver == "scs" else Status.MAX_ITERATIONS
     assert layer.info.status == [expected] and layer.info.iterations == [2]
     assert torch.isnan(sol).all()
     with pytest.raises(SolverError, match="raise max_iters|allow_inaccurate"):
-        layer(*vals, solver_args={"max_iters": 2})
+        layer(*vals, solver_args={"max_iters": 2, "refine": False})
 
 
 @pytest.mark.parametrize("solver", ["native", "clarabel", "scs", "ecos"])
@@ -127,7 +128,7 @@ def test_backend_settings_under_auto_pick_the_backend_that_honours_them():
     assert _call({"tol_gap_abs": 1e-9, "max_iter": 50}).options == {"tol_gap_abs": 1e-9,
                                                                     "max_iter": 50}
     # native's own options keep native; the common ones keep the default choice
-    assert _call({"mu": 0.0, "refine": 2}).backend.name == "native"
+    assert _call({"mu": 0.0, "kkt_refine": 2}).backend.name == "native"
     assert _call({"tol": 1e-6, "max_iters": 5, "verbose": False}).backend.name == "native"
 
 

@@ -132,7 +132,7 @@ _BOUNDS_REG = 1e-9
 # iteration limit; none with δ = 1e-7 and refinement, none at tol = 1e-11).
 _SMALL_REG_MIN_TOL = 1e-10
 _OPTION_KEYS = (
-    "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "refine", "dtype", "kkt_dtype",
+    "tol", "tol_infeas", "max_iters", "mu", "warm_start", "reg", "kkt_refine", "dtype", "kkt_dtype",
     "verbose", "n_jobs", "chunk_size",
 )
 # Automatic chunks on CPU: about this many bytes of per-item matrices (see _chunk_bounds) per
@@ -224,7 +224,7 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
                 f"{options[key]!r}."
             )
     opts: dict[str, Any] = {
-        "max_iters": 100, "mu": 0.0, "warm_start": None, "refine": 1,
+        "max_iters": 100, "mu": 0.0, "warm_start": None, "kkt_refine": 1,
         "verbose": False, "n_jobs": None, "chunk_size": None,
     }
     opts.update(_DEFAULTS[options.get("dtype") or torch.float64])
@@ -235,7 +235,7 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
     # one), and the refinement of the iterations' solves unless the user set it (None: by form).
     opts["small_reg"] = ("reg" not in opts and opts["kkt_dtype"] == torch.float64
                          and float(opts["tol"]) >= _SMALL_REG_MIN_TOL)
-    opts["refine_iters"] = opts["refine"] if options.get("refine") is not None else None
+    opts["refine_iters"] = opts["kkt_refine"] if options.get("kkt_refine") is not None else None
     opts.setdefault("reg", _REG[opts["kkt_dtype"]])
     for key in ("tol", "tol_infeas", "reg"):
         if not float(opts[key]) > 0:
@@ -245,7 +245,7 @@ def _options(options: dict, dtype: torch.dtype) -> dict[str, Any]:
             f"NativeIPM: option 'mu' (target barrier parameter) must be >= 0, received "
             f"{opts['mu']!r}; use 0 for the exact solution."
         )
-    for key, low in (("max_iters", 0), ("refine", 0), ("n_jobs", 1), ("chunk_size", 1)):
+    for key, low in (("max_iters", 0), ("kkt_refine", 0), ("n_jobs", 1), ("chunk_size", 1)):
         v = opts[key]
         if key in ("chunk_size", "n_jobs") and v is None:
             continue
@@ -791,7 +791,7 @@ class _IPMDifferentiator:
 
     With ``mu > 0`` (``exact=False``) this is the barrier system ``J = [[P, Aᵀ], [A, −D]]``,
     ``D = diag(s/y)``, whose Cholesky factor is the last one of the iterations (see the module
-    doc), solved with ``refine`` steps of iterative refinement against ``J``.
+    doc), solved with ``kkt_refine`` steps of iterative refinement against ``J``.
 
     With ``mu = 0`` (``exact=True``) it is the KKT system of the exact solution, with the active
     set *snapped*: an inequality row is active where ``y > s`` (``ds = 0``: the row of ``J``
@@ -1182,7 +1182,7 @@ class NativeIPM(Backend):
       With float32 iterates, float64 linear algebra keeps the late, ill-conditioned
       iterations solvable; ``torch.float32`` fails more often on larger problems
       (``NUMERICAL_ERROR``).
-    - ``refine``: iterative-refinement steps per Newton solve (default 1, and 0 with the
+    - ``kkt_refine``: iterative-refinement steps per Newton solve (default 1, and 0 with the
       smaller float64 defaults of δ above, which do not need it); the derivative uses
       ``refine + 3``. In the bounds and dual forms (see :class:`_KKT`) the iterations take the
       residual of each refinement step from the regularization alone, ``(δ dx, −δ dy)``, with
@@ -1290,7 +1290,7 @@ class NativeIPM(Backend):
                 out, kkt, _ = _solve(sub, sub_opts, quadratic)
             out.x, out.y, out.s = out.x.clone(), out.y.clone(), out.s.clone()
             out.differentiator = _IPMDifferentiator(
-                kkt, opts["refine"] + 3, dims.zero, out.s, out.y, exact=float(opts["mu"]) == 0.0,
+                kkt, opts["kkt_refine"] + 3, dims.zero, out.s, out.y, exact=float(opts["mu"]) == 0.0,
                 one_thread=small)
             if sigma is not None:
                 out.y = out.y / sigma.unsqueeze(1)
@@ -1381,7 +1381,7 @@ def _solve(
     kkt = _KKT(P, A, B, p, float(opts["reg"]), kkt_dtype, opts["small_reg"])
     refine = opts["refine_iters"]
     if refine is None:
-        refine = 0 if kkt.unrefined else opts["refine"]
+        refine = 0 if kkt.unrefined else opts["kkt_refine"]
 
     def solve_mode(weak: bool) -> tuple[int, bool, float | None]:
         # Refinement steps of a solve, whether their residuals are computed from the data, and

@@ -13,7 +13,7 @@ from diffopt.canon import AffineMap, ConeTemplate, flatten_f, unflatten_f
 from diffopt.cones import ConeDims
 from diffopt.diff.smoothing import GradientMode, as_mode
 from diffopt.errors import InputError, ProblemError
-from diffopt.solve import SolveInfo, add_cols, make_call, select_backend, take_cols
+from diffopt.solve import COMPUTE_DTYPE, SolveInfo, add_cols, make_call, select_backend, take_cols
 from diffopt.solvers.base import SparsePattern, plain
 
 
@@ -211,8 +211,6 @@ class CvxpyLayer(nn.Module):
         out = []
         for p, val in zip(self.parameters_, tensors):
             val = val.to(dtype)
-            if not torch.isfinite(plain(val)).all():
-                raise InputError(f"parameter {p.name()!r} contains NaN or Inf values")
             self._check_attributes(p, plain(val))
             if val.ndim == p.ndim:
                 val = val.unsqueeze(0).expand(B, *p.shape)
@@ -221,6 +219,9 @@ class CvxpyLayer(nn.Module):
 
     @staticmethod
     def _check_attributes(p: cp.Parameter, val: torch.Tensor) -> None:
+        # NaN or Inf values fail their own items (status NOT_FINITE), not the call
+        if not bool(torch.isfinite(val).all()):
+            return
         if p.is_pos() and not bool((val > 0).all()):
             raise InputError(
                 f"parameter {p.name()!r} is declared pos=True but received values <= 0 "
@@ -282,8 +283,11 @@ class CvxpyLayer(nn.Module):
         call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
                          t.P_pattern, t.A_pattern, t.dims)
         tensors, B, batched = self._batch(params)
-        ones = tensors[0].new_ones(B, 1)
-        theta = torch.cat([flatten_f(v) for v in tensors] + [ones], dim=1)
+        out_dtype = tensors[0].dtype
+        # The parameter maps run in float64 too: in float32 a redundant equality row
+        # ((TF)x = Tg next to Fx = g) is rounded into a conflicting one.
+        ones = tensors[0].new_ones(B, 1, dtype=COMPUTE_DTYPE)
+        theta = torch.cat([flatten_f(v.to(COMPUTE_DTYPE)) for v in tensors] + [ones], dim=1)
         values = self._apply_maps(theta)
         c, b, A_values, P_values = values["c"], values["b"], values["A"], values.get("P")
         mode = self.gradient if gradient is None else as_mode(gradient)
@@ -296,7 +300,7 @@ class CvxpyLayer(nn.Module):
             src = x if rec.src == "x" else y
             idx = getattr(self, f"rec{k}_idx").to(src.device)
             coef = getattr(self, f"rec{k}_coef").to(src.device, src.dtype)
-            val = unflatten_f(take_cols(src, idx) * coef, rec.shape)
+            val = unflatten_f(take_cols(src, idx) * coef, rec.shape).to(out_dtype)
             outs.append(val if batched else val[0])
         return tuple(outs)
 
@@ -399,8 +403,6 @@ class QPLayer(nn.Module):
                     f"{name}: expected shape {shape} or (batch, *{shape}) for n={n}, m={m}, p={p}, "
                     f"received {tuple(val.shape)}"
                 )
-            if not torch.isfinite(plain(val)).all():
-                raise InputError(f"{name} contains NaN or Inf values")
             dtype = torch.promote_types(dtype, val.dtype)
         if len(sizes) > 1:
             raise InputError(f"inconsistent batch sizes {sorted(sizes)} across arguments")
@@ -410,7 +412,7 @@ class QPLayer(nn.Module):
             raise InputError("batch size 0: pass at least one problem instance")
 
         def batch(val, shape):
-            val = val.to(dtype)
+            val = val.to(COMPUTE_DTYPE)  # solved in float64, returned in ``dtype``
             return val.expand(B, *shape) if val.ndim == len(shape) else val
 
         rows_A = [batch(A, (p, n))] if p else []
@@ -418,8 +420,8 @@ class QPLayer(nn.Module):
         if m:
             rows_A.append(batch(G, (m, n)))
             rows_b.append(batch(h, (m,)))
-        Amat = torch.cat(rows_A, 1) if rows_A else q.new_zeros(B, 0, n, dtype=dtype)
-        bvec = torch.cat(rows_b, 1) if rows_b else q.new_zeros(B, 0, dtype=dtype)
+        Amat = torch.cat(rows_A, 1) if rows_A else q.new_zeros(B, 0, n, dtype=COMPUTE_DTYPE)
+        bvec = torch.cat(rows_b, 1) if rows_b else q.new_zeros(B, 0, dtype=COMPUTE_DTYPE)
         dims = ConeDims(zero=p, nonneg=m)
         call = make_call({**self.solver_args, **(solver_args or {})}, self.solver,
                          None if P is None else _dense_pattern(n, n), _dense_pattern(p + m, n),
@@ -434,6 +436,7 @@ class QPLayer(nn.Module):
             x, y, _ = mode.solve(Pvals, batch(q, (n,)), Amat.reshape(B, (p + m) * n), bvec, call)
         finally:
             self.info = call.info
+        x, y = x.to(dtype), y.to(dtype)
         outs = (x, y[:, :p], y[:, p:]) if self.duals else (x,)
         if not batched:
             outs = tuple(o[0] for o in outs)

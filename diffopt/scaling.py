@@ -1,0 +1,229 @@
+r"""Equilibration: every backend solves a scaled copy of the program, so that tolerances are
+relative and scaling a problem scales its answer.
+
+With diagonal ``D > 0`` (columns), ``E > 0`` (rows, one value per cone block, so that each cone
+is mapped onto itself) and per-item scalars ``σ`` (objective) and ``ρ`` (solution), the backend
+solves
+
+.. math::
+
+    \tilde P = \tfrac{σ}{ρ} DPD,\quad \tilde c = σDc,\quad \tilde A = EAD,\quad \tilde b = ρEb,
+
+whose solution maps back as ``x = Dx̃/ρ``, ``y = Eỹ/σ``, ``s = E⁻¹s̃/ρ``; its residuals are
+``σD(Px + Aᵀy + c)`` and ``ρE(Ax + s − b)``. ``D`` and ``E`` come from Ruiz equilibration of
+``[P Aᵀ; A 0]`` (each normalized by its largest entry first); ``σ`` and ``ρ`` balance the sizes
+of ``P̃``, ``c̃`` and ``b̃`` around 1 (a least-squares fit of their logarithms). The program has
+two exact symmetries, ``(αP, αc, A, b)`` (``x`` unchanged, ``y`` times ``α``) and
+``(P, c/t, A, b/t)`` (``x``, ``y`` divided by ``t``); the scaled program is the same for all of
+them, so the backend sees one problem and its tolerances act relatively.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffopt.cones import ConeDims
+from diffopt.solvers.base import Backend, ConeProgram, Solution, SparsePattern
+
+#: Ruiz iterations: each halves the spread of the row and column norms' logarithms.
+RUIZ_ITERS = 10
+#: Bounds of every factor (of ``D``, ``E``, ``σ``, ``ρ``): beyond them the data are taken as
+#: they are, so that the scaled data stay far from float64's range.
+_BOUND = 1e30
+
+
+def cone_blocks(dims: ConeDims) -> np.ndarray:
+    """A block index per row: each zero or nonnegative row alone, one block per SOC, PSD and
+    exponential cone, and one for any rows after them."""
+    sizes = ([1] * (dims.zero + dims.nonneg) + list(dims.soc)
+             + [k * (k + 1) // 2 for k in dims.psd] + [3] * dims.exp)
+    rest = dims.size - sum(sizes)
+    if rest > 0:
+        sizes.append(rest)
+    return np.repeat(np.arange(len(sizes)), sizes)
+
+
+def _amax_into(size: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out[:, j] = max |src[:, k]|`` over ``idx[k] == j`` (0 where no entry)."""
+    out = src.new_zeros(src.shape[0], size)
+    return out.scatter_reduce(1, idx.expand(src.shape[0], -1), src.abs(), "amax")
+
+
+def _inverse_sqrt(norm: torch.Tensor) -> torch.Tensor:
+    """``1/√norm``, 1 where the norm is 0 (an empty row or column)."""
+    return torch.where(norm > 0, norm.clamp(min=1e-300).rsqrt(), torch.ones_like(norm))
+
+
+def _largest(t: torch.Tensor | None, B: int, like: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` per item, ``(B, 1)``."""
+    if t is None or t.shape[1] == 0:
+        return like.new_zeros(B, 1)
+    return t.abs().amax(1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """The scaling of a batch (see the module's docstring): ``D (B, n)``, ``E (B, m)``,
+    ``sigma`` and ``rho`` ``(B, 1)``. The identity where every factor is 1."""
+
+    D: torch.Tensor
+    E: torch.Tensor
+    sigma: torch.Tensor
+    rho: torch.Tensor
+
+    def program(self, p: ConeProgram) -> ConeProgram:
+        """The scaled program ``(P̃, c̃, Ã, b̃)``."""
+        D, E = self.D, self.E
+        A = p.A_values * _on(p.A_pattern, E, D)
+        P = None
+        if p.P_values is not None and p.P_pattern is not None:
+            P = p.P_values * _on(p.P_pattern, D, D) * (self.sigma / self.rho)
+        return dataclasses.replace(p, P_values=P, c=self.sigma * D * p.c, A_values=A,
+                                   b=self.rho * E * p.b)
+
+    def point(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor):
+        """``(x̃, ỹ, s̃)`` of a point ``(x, y, s)`` of the original program."""
+        return self.rho * x / self.D, self.sigma * y / self.E, self.rho * self.E * s
+
+    def solution(self, sol: Solution) -> Solution:
+        """The backend's solution of the scaled program, mapped back to the original one (the
+        residuals it reported are dropped: they measure the scaled program)."""
+        x, y, s = self.D * sol.x / self.rho, self.E * sol.y / self.sigma, sol.s / (self.rho * self.E)
+        diff = None if sol.differentiator is None else _ScaledDifferentiator(
+            sol.differentiator, self)
+        return dataclasses.replace(sol, x=x, y=y, s=s, primal_residual=[], dual_residual=[],
+                                   gap=[], differentiator=diff)
+
+
+def _on(pattern: SparsePattern, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left[:, rows] * right[:, cols]`` on ``pattern``'s entries."""
+    rows = torch.as_tensor(pattern.rows, device=left.device)
+    cols = torch.as_tensor(pattern.cols, device=left.device)
+    return left[:, rows] * right[:, cols]
+
+
+def identity(p: ConeProgram) -> Scaling:
+    """The scaling that changes nothing."""
+    ones = torch.ones_like
+    return Scaling(ones(p.c), ones(p.b), p.c.new_ones(p.batch_size, 1),
+                   p.c.new_ones(p.batch_size, 1))
+
+
+def equilibrate(p: ConeProgram, iters: int = RUIZ_ITERS) -> Scaling:
+    """The scaling of ``p``'s items (finite data expected), computed in ``p``'s dtype."""
+    B, n, m = p.batch_size, p.n, p.m
+    dev = p.c.device
+    ar = torch.as_tensor(p.A_pattern.rows, device=dev)
+    ac = torch.as_tensor(p.A_pattern.cols, device=dev)
+    blocks = torch.as_tensor(cone_blocks(p.dims), device=dev)
+    n_blocks = int(blocks.max()) + 1 if m else 0
+    has_P = p.P_values is not None and p.P_pattern is not None and p.P_values.shape[1] > 0
+    # Ruiz on the data normalized by their largest entries: D and E do not depend on the
+    # scale of A or of P.
+    a = _largest(p.A_values, B, p.c)
+    a = torch.where(a > 0, a, torch.ones_like(a))
+    A = p.A_values / a
+    P = None
+    if has_P:
+        pr = torch.as_tensor(p.P_pattern.rows, device=dev)
+        pc = torch.as_tensor(p.P_pattern.cols, device=dev)
+        big = _largest(p.P_values, B, p.c)
+        P = p.P_values / torch.where(big > 0, big, torch.ones_like(big))
+    D, E = torch.ones_like(p.c), torch.ones_like(p.b)
+    for _ in range(iters):
+        At = A * E[:, ar] * D[:, ac]
+        col = _amax_into(n, ac, At)
+        if P is not None:
+            col = torch.maximum(col, _amax_into(n, pc, P * D[:, pr] * D[:, pc]))
+        row = _amax_into(m, ar, At)
+        if m:  # one factor per cone block: the largest row norm of the block
+            row = _amax_into(n_blocks, blocks, row).gather(1, blocks.expand(B, -1))
+        D = (D * _inverse_sqrt(col)).clamp(1 / _BOUND, _BOUND)
+        E = (E * _inverse_sqrt(row)).clamp(1 / _BOUND, _BOUND)
+    E = (E / a).clamp(1 / _BOUND, _BOUND)
+    # σ, ρ: fit log σ − log ρ + log|P̃| ≈ 0, log σ + log|c̃| ≈ 0, log ρ + log|b̃| ≈ 0 over the
+    # terms that are not zero (a small ridge fixes what they leave free).
+    sizes = [_largest(None if not has_P else p.P_values * _on(p.P_pattern, D, D), B, p.c),
+             _largest(D * p.c, B, p.c), _largest(E * p.b, B, p.c)]
+    rows = torch.tensor([[1.0, -1.0], [1.0, 0.0], [0.0, 1.0]], dtype=p.c.dtype, device=dev)
+    logs = torch.cat([torch.log(t.clamp(min=1e-300)) for t in sizes], 1)  # (B, 3)
+    use = torch.cat([t > 0 for t in sizes], 1).to(p.c.dtype)
+    M = rows.T @ (use[:, :, None] * rows)  # (B, 2, 2) normal equations
+    M = M + 1e-9 * torch.eye(2, dtype=p.c.dtype, device=dev)
+    rhs = -(rows.T @ (use * logs)[:, :, None])
+    u = torch.linalg.solve(M, rhs).squeeze(-1).clamp(-math.log(_BOUND), math.log(_BOUND))
+    return Scaling(D, E, u[:, :1].exp(), u[:, 1:].exp())
+
+
+class _ScaledDifferentiator:
+    """A backend's differentiator of the scaled program, as one of the original program.
+
+    From ``c̃ = σDc``, ``b̃ = ρEb`` and the solution maps: ``λ₁ = σDλ̃₁``, ``λ₂ = ρEλ̃₂`` for
+    upstream gradients ``(Dg_x/ρ, Eg_y/σ, E⁻¹g_s/ρ)``; tangents ``dR̃ = (σD dR₁, ρE dR₂)``. The
+    scales are constants: the solution map commutes with them exactly.
+    """
+
+    def __init__(self, inner, scaling: Scaling) -> None:
+        self._inner, self._s = inner, scaling
+
+    def __getattr__(self, name):  # e.g. ``degenerate``, set by the inner solves
+        return getattr(self._inner, name)
+
+    @staticmethod
+    def _fit(f: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return f.unsqueeze(-1) if like.dim() == 3 else f  # (B, ·, k) stacks of k
+
+    def adjoint(self, gx, gy, gs):
+        s, f = self._s, self._fit
+        D, E, sig, rho = f(s.D, gx), f(s.E, gy), f(s.sigma, gx), f(s.rho, gx)
+        l1, l2 = self._inner.adjoint(D * gx / rho, E * gy / sig, gs / (rho * E))
+        return sig * D * l1, rho * E * l2
+
+    def tangent(self, dr1, dr2):
+        s, f = self._s, self._fit
+        D, E, sig, rho = f(s.D, dr1), f(s.E, dr2), f(s.sigma, dr1), f(s.rho, dr1)
+        dx, dy, ds = self._inner.tangent(sig * D * dr1, rho * E * dr2)
+        return D * dx / rho, E * dy / sig, ds / (rho * E)
+
+
+def solve_scaled(backend: Backend, program: ConeProgram, options: dict
+                 ) -> tuple[Solution, Scaling]:
+    """``backend``'s solution of ``program``, solved in its equilibrated form and mapped back,
+    with the scaling used.
+
+    Items with NaN or Inf data are sent as the zero program (their status is set by
+    :func:`diffopt.verify.verify`), so that one bad item cannot disturb a batched solve. No
+    scaling for backends that opt out (``Backend.equilibrate``) nor for the barrier path
+    (``mu > 0``, defined on the data as given); a warm start is scaled with the data.
+    """
+    bad = ~_finite_items(program)
+    if bool(bad.any()):
+        program = dataclasses.replace(program, **{
+            k: None if v is None else torch.where(bad[:, None], torch.zeros_like(v), v)
+            for k, v in (("P_values", program.P_values), ("c", program.c),
+                         ("A_values", program.A_values), ("b", program.b))})
+    if not backend.equilibrate or float(options.get("mu", 0.0) or 0.0) > 0:
+        return backend.solve(program, options), identity(program)
+    scaling = equilibrate(program)
+    warm = options.get("warm_start")
+    if warm is not None:
+        triple = (warm.x, warm.y, warm.s) if isinstance(warm, Solution) else tuple(warm)
+        if len(triple) == 3:
+            like = program.c
+            options = {**options, "warm_start": scaling.point(
+                *(torch.as_tensor(v).to(like.device, like.dtype) for v in triple))}
+    return scaling.solution(backend.solve(scaling.program(program), options)), scaling
+
+
+def _finite_items(p: ConeProgram) -> torch.Tensor:
+    """Per item, whether every datum is finite."""
+    ok = torch.isfinite(p.c).all(1) & torch.isfinite(p.b).all(1) & torch.isfinite(
+        p.A_values).all(1)
+    if p.P_values is not None:
+        ok &= torch.isfinite(p.P_values).all(1)
+    return ok

@@ -69,22 +69,29 @@ def _largest(t: torch.Tensor | None, B: int, like: torch.Tensor) -> torch.Tensor
 @dataclass(frozen=True)
 class Scaling:
     """The scaling of a batch (see the module's docstring): ``D (B, n)``, ``E (B, m)``,
-    ``sigma`` and ``rho`` ``(B, 1)``. The identity where every factor is 1."""
+    ``sigma`` and ``rho`` ``(B, 1)``. The identity where every factor is 1. ``uniform``: the
+    same factors for every item (then data shared by the batch stay shared when scaled)."""
 
     D: torch.Tensor
     E: torch.Tensor
     sigma: torch.Tensor
     rho: torch.Tensor
+    uniform: bool = False
+
+    def _times(self, values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        if self.uniform and _shared(values):  # one row, expanded as the input was
+            return (values[:1] * factor[:1]).expand_as(values)
+        return values * factor
 
     def program(self, p: ConeProgram) -> ConeProgram:
         """The scaled program ``(P̃, c̃, Ã, b̃)``."""
         D, E = self.D, self.E
-        A = p.A_values * _on(p.A_pattern, E, D)
+        A = self._times(p.A_values, _on(p.A_pattern, E, D))
         P = None
         if p.P_values is not None and p.P_pattern is not None:
-            P = p.P_values * _on(p.P_pattern, D, D) * (self.sigma / self.rho)
-        return dataclasses.replace(p, P_values=P, c=self.sigma * D * p.c, A_values=A,
-                                   b=self.rho * E * p.b)
+            P = self._times(p.P_values, _on(p.P_pattern, D, D) * (self.sigma / self.rho))
+        return dataclasses.replace(p, P_values=P, c=self._times(p.c, self.sigma * D),
+                                   A_values=A, b=self._times(p.b, self.rho * E))
 
     def point(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor):
         """``(x̃, ỹ, s̃)`` of a point ``(x, y, s)`` of the original program."""
@@ -98,6 +105,11 @@ class Scaling:
             sol.differentiator, self)
         return dataclasses.replace(sol, x=x, y=y, s=s, primal_residual=[], dual_residual=[],
                                    gap=[], differentiator=diff)
+
+
+def _shared(t: torch.Tensor) -> bool:
+    """Whether ``t`` is one row expanded over the batch (a layer's constant data)."""
+    return t.shape[0] > 1 and t.stride(0) == 0
 
 
 def _on(pattern: SparsePattern, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -115,14 +127,26 @@ def identity(p: ConeProgram) -> Scaling:
 
 
 def equilibrate(p: ConeProgram, iters: int = RUIZ_ITERS) -> Scaling:
-    """The scaling of ``p``'s items (finite data expected), computed in ``p``'s dtype."""
+    """The scaling of ``p``'s items (finite data expected), computed in ``p``'s dtype.
+
+    Where ``A`` and ``P`` are shared by the batch (expanded), one scaling serves every item
+    (``σ`` and ``ρ`` from the batch's largest ``c`` and ``b``), so that the scaled matrices stay
+    shared: the native solver factors a shared matrix once per solve, not once per item.
+    """
     B, n, m = p.batch_size, p.n, p.m
+    has_P = p.P_values is not None and p.P_pattern is not None and p.P_values.shape[1] > 0
+    if B > 1 and _shared(p.A_values) and (not has_P or _shared(p.P_values)):
+        one = dataclasses.replace(
+            p, P_values=None if p.P_values is None else p.P_values[:1],
+            c=p.c.abs().amax(0, keepdim=True), A_values=p.A_values[:1],
+            b=p.b.abs().amax(0, keepdim=True))
+        s = equilibrate(one, iters)
+        return Scaling(*(f.expand(B, -1) for f in (s.D, s.E, s.sigma, s.rho)), uniform=True)
     dev = p.c.device
     ar = torch.as_tensor(p.A_pattern.rows, device=dev)
     ac = torch.as_tensor(p.A_pattern.cols, device=dev)
     blocks = torch.as_tensor(cone_blocks(p.dims), device=dev)
     n_blocks = int(blocks.max()) + 1 if m else 0
-    has_P = p.P_values is not None and p.P_pattern is not None and p.P_values.shape[1] > 0
     # Ruiz on the data normalized by their largest entries: D and E do not depend on the
     # scale of A or of P.
     a = _largest(p.A_values, B, p.c)

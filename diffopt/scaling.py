@@ -11,11 +11,13 @@ solves
 
 whose solution maps back as ``x = Dx̃/ρ``, ``y = Eỹ/σ``, ``s = E⁻¹s̃/ρ``; its residuals are
 ``σD(Px + Aᵀy + c)`` and ``ρE(Ax + s − b)``. ``D`` and ``E`` come from Ruiz equilibration of
-``[P Aᵀ; A 0]`` (each normalized by its largest entry first); ``σ`` and ``ρ`` balance the sizes
-of ``P̃``, ``c̃`` and ``b̃`` around 1 (a least-squares fit of their logarithms). The program has
-two exact symmetries, ``(αP, αc, A, b)`` (``x`` unchanged, ``y`` times ``α``) and
-``(P, c/t, A, b/t)`` (``x``, ``y`` divided by ``t``); the scaled program is the same for all of
-them, so the backend sees one problem and its tolerances act relatively.
+``[P Aᵀ; A 0]`` (each normalized by its largest entry first); ``σ/ρ`` makes the largest entry of
+``P̃`` one, and ``σ`` then balances the largest entries of ``c̃`` and ``b̃`` around one (for an LP,
+``σ`` and ``ρ`` make each one). The program has two exact symmetries, ``(αP, αc, A, b)`` (``x``
+unchanged, ``y`` times ``α``) and ``(P, c/t, A, b/t)`` (``x``, ``y`` divided by ``t``); the scaled
+program is the same for all of them, so the backend sees one problem and its tolerances act
+relatively. Each item's factors depend on its own data only: an item's answer does not depend
+on the batch it is solved in.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from diffopt.cones import ConeDims
-from diffopt.solvers.base import Backend, ConeProgram, Solution, SparsePattern
+from diffopt.solvers.base import Backend, ConeProgram, Solution, SparsePattern, one_torch_thread
 
 #: Ruiz iterations: each halves the spread of the row and column norms' logarithms.
 RUIZ_ITERS = 10
@@ -59,18 +61,18 @@ def _inverse_sqrt(norm: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, norm.clamp(min=1e-300).rsqrt(), torch.ones_like(norm))
 
 
-def _largest(t: torch.Tensor | None, B: int, like: torch.Tensor) -> torch.Tensor:
-    """``max |t|`` per item, ``(B, 1)``."""
+def _largest(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` per row, ``(k, 1)`` (zeros, as many rows as ``like``, for no entries)."""
     if t is None or t.shape[1] == 0:
-        return like.new_zeros(B, 1)
+        return like.new_zeros(like.shape[0], 1)
     return t.abs().amax(1, keepdim=True)
 
 
 @dataclass(frozen=True)
 class Scaling:
     """The scaling of a batch (see the module's docstring): ``D (B, n)``, ``E (B, m)``,
-    ``sigma`` and ``rho`` ``(B, 1)``. The identity where every factor is 1. ``uniform``: the
-    same factors for every item (then data shared by the batch stay shared when scaled)."""
+    ``sigma`` and ``rho`` ``(B, 1)``. The identity where every factor is 1. ``uniform``: ``D``,
+    ``E`` and ``σ/ρ`` the same for every item (then matrices shared by the batch stay shared)."""
 
     D: torch.Tensor
     E: torch.Tensor
@@ -78,20 +80,23 @@ class Scaling:
     rho: torch.Tensor
     uniform: bool = False
 
-    def _times(self, values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        if self.uniform and _shared(values):  # one row, expanded as the input was
-            return (values[:1] * factor[:1]).expand_as(values)
-        return values * factor
-
     def program(self, p: ConeProgram) -> ConeProgram:
         """The scaled program ``(P̃, c̃, Ã, b̃)``."""
-        D, E = self.D, self.E
-        A = self._times(p.A_values, _on(p.A_pattern, E, D))
+        D, E, ratio = self.D, self.E, self.sigma / self.rho
+        if self.uniform:  # the matrices' factors: one row, broadcast over the batch
+            D, E, ratio = D[:1], E[:1], ratio[:1]
+
+        def times(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+            # a matrix shared by the batch stays one row, expanded as it came
+            one = self.uniform and _shared(values)
+            return ((values[:1] if one else values) * factor).expand_as(values)
+
         P = None
         if p.P_values is not None and p.P_pattern is not None:
-            P = self._times(p.P_values, _on(p.P_pattern, D, D) * (self.sigma / self.rho))
-        return dataclasses.replace(p, P_values=P, c=self._times(p.c, self.sigma * D),
-                                   A_values=A, b=self._times(p.b, self.rho * E))
+            P = times(p.P_values, _on(p.P_pattern, D, D) * ratio)
+        return dataclasses.replace(p, P_values=P, c=self.sigma * self.D * p.c,
+                                   A_values=times(p.A_values, _on(p.A_pattern, E, D)),
+                                   b=self.rho * self.E * p.b)
 
     def point(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor):
         """``(x̃, ỹ, s̃)`` of a point ``(x, y, s)`` of the original program."""
@@ -129,59 +134,78 @@ def identity(p: ConeProgram) -> Scaling:
 def equilibrate(p: ConeProgram, iters: int = RUIZ_ITERS) -> Scaling:
     """The scaling of ``p``'s items (finite data expected), computed in ``p``'s dtype.
 
-    Where ``A`` and ``P`` are shared by the batch (expanded), one scaling serves every item
-    (``σ`` and ``ρ`` from the batch's largest ``c`` and ``b``), so that the scaled matrices stay
-    shared: the native solver factors a shared matrix once per solve, not once per item.
+    Where ``A`` and ``P`` are shared by the batch (expanded), so are ``D``, ``E`` and ``σ/ρ``
+    (``uniform``), and the scaled matrices stay shared: the native solver factors a shared
+    matrix once per solve, not once per item.
     """
-    B, n, m = p.batch_size, p.n, p.m
+    B = p.batch_size
     has_P = p.P_values is not None and p.P_pattern is not None and p.P_values.shape[1] > 0
-    if B > 1 and _shared(p.A_values) and (not has_P or _shared(p.P_values)):
-        one = dataclasses.replace(
-            p, P_values=None if p.P_values is None else p.P_values[:1],
-            c=p.c.abs().amax(0, keepdim=True), A_values=p.A_values[:1],
-            b=p.b.abs().amax(0, keepdim=True))
-        s = equilibrate(one, iters)
-        return Scaling(*(f.expand(B, -1) for f in (s.D, s.E, s.sigma, s.rho)), uniform=True)
-    dev = p.c.device
+    uniform = B > 1 and _shared(p.A_values) and (not has_P or _shared(p.P_values))
+    # Small batched kernels: one intra-op thread (as the native solver runs small problems).
+    small = p.c.device.type == "cpu" and B * (p.A_values.shape[1] + p.n) < 2**20
+    with one_torch_thread(small):
+        A = p.A_values[:1] if uniform else p.A_values
+        P = None if not has_P else (p.P_values[:1] if uniform else p.P_values)
+        D, E = _ruiz(p, A, P, iters)
+        size_P = _largest(None if P is None else P * _on(p.P_pattern, D, D), D)
+        if uniform:
+            D, E, size_P = D.expand(B, -1), E.expand(B, -1), size_P.expand(B, -1)
+        sigma, rho = _objective_and_solution_scales(size_P, _largest(D * p.c, D),
+                                                    _largest(E * p.b, D))
+    return Scaling(D, E, sigma, rho, uniform)
+
+
+def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
+    """``D (k, n)``, ``E (k, m)`` equilibrating ``[P Aᵀ; A 0]`` for ``k`` rows of values."""
+    k, n, m = A.shape[0], p.n, p.m
+    dev = A.device
     ar = torch.as_tensor(p.A_pattern.rows, device=dev)
     ac = torch.as_tensor(p.A_pattern.cols, device=dev)
     blocks = torch.as_tensor(cone_blocks(p.dims), device=dev)
     n_blocks = int(blocks.max()) + 1 if m else 0
-    # Ruiz on the data normalized by their largest entries: D and E do not depend on the
-    # scale of A or of P.
-    a = _largest(p.A_values, B, p.c)
+    # On the data divided by their largest entries: D and E do not depend on the scale of A or P.
+    a = _largest(A, A)
     a = torch.where(a > 0, a, torch.ones_like(a))
-    A = p.A_values / a
-    P = None
-    if has_P:
+    A = A / a
+    if P is not None:
         pr = torch.as_tensor(p.P_pattern.rows, device=dev)
         pc = torch.as_tensor(p.P_pattern.cols, device=dev)
-        big = _largest(p.P_values, B, p.c)
-        P = p.P_values / torch.where(big > 0, big, torch.ones_like(big))
-    D, E = torch.ones_like(p.c), torch.ones_like(p.b)
+        big = _largest(P, P)
+        P = P / torch.where(big > 0, big, torch.ones_like(big))
+    D, E = A.new_ones(k, n), A.new_ones(k, m)
     for _ in range(iters):
         At = A * E[:, ar] * D[:, ac]
         col = _amax_into(n, ac, At)
         if P is not None:
             col = torch.maximum(col, _amax_into(n, pc, P * D[:, pr] * D[:, pc]))
         row = _amax_into(m, ar, At)
-        if m:  # one factor per cone block: the largest row norm of the block
-            row = _amax_into(n_blocks, blocks, row).gather(1, blocks.expand(B, -1))
+        if n_blocks < m:  # one factor per cone block: the largest row norm of the block
+            row = _amax_into(n_blocks, blocks, row).gather(1, blocks.expand(k, -1))
         D = (D * _inverse_sqrt(col)).clamp(1 / _BOUND, _BOUND)
         E = (E * _inverse_sqrt(row)).clamp(1 / _BOUND, _BOUND)
-    E = (E / a).clamp(1 / _BOUND, _BOUND)
-    # σ, ρ: fit log σ − log ρ + log|P̃| ≈ 0, log σ + log|c̃| ≈ 0, log ρ + log|b̃| ≈ 0 over the
-    # terms that are not zero (a small ridge fixes what they leave free).
-    sizes = [_largest(None if not has_P else p.P_values * _on(p.P_pattern, D, D), B, p.c),
-             _largest(D * p.c, B, p.c), _largest(E * p.b, B, p.c)]
-    rows = torch.tensor([[1.0, -1.0], [1.0, 0.0], [0.0, 1.0]], dtype=p.c.dtype, device=dev)
-    logs = torch.cat([torch.log(t.clamp(min=1e-300)) for t in sizes], 1)  # (B, 3)
-    use = torch.cat([t > 0 for t in sizes], 1).to(p.c.dtype)
-    M = rows.T @ (use[:, :, None] * rows)  # (B, 2, 2) normal equations
-    M = M + 1e-9 * torch.eye(2, dtype=p.c.dtype, device=dev)
-    rhs = -(rows.T @ (use * logs)[:, :, None])
-    u = torch.linalg.solve(M, rhs).squeeze(-1).clamp(-math.log(_BOUND), math.log(_BOUND))
-    return Scaling(D, E, u[:, :1].exp(), u[:, 1:].exp())
+    return D, (E / a).clamp(1 / _BOUND, _BOUND)
+
+
+def _objective_and_solution_scales(size_P, size_c, size_b):
+    """``σ``, ``ρ`` ``(B, 1)`` from the largest entries of ``DPD``, ``Dc`` and ``Eb``.
+
+    In logarithms (u = log σ, w = log ρ, and lp, lc, lb those of the sizes): with a quadratic
+    term, w = u + lp (P̃ of size one) and u is the mean of the targets −lc (c̃ of size one) and
+    −lp − lb (b̃ of size one) present; without, u = −lc and w = −lb. Zero sizes set nothing.
+    """
+    def log(t):
+        return torch.log(t.clamp(min=1e-300))
+
+    lp, lc, lb = log(size_P), log(size_c), log(size_b)
+    has_P, has_c, has_b = size_P > 0, size_c > 0, size_b > 0
+    zero = torch.zeros_like(lp)
+    targets = torch.where(has_c, -lc, zero) + torch.where(has_b, -lp - lb, zero)
+    count = has_c.to(lp.dtype) + has_b.to(lp.dtype)
+    u_quad = targets / count.clamp(min=1)
+    u = torch.where(has_P, u_quad, torch.where(has_c, -lc, zero))
+    w = torch.where(has_P, u_quad + lp, torch.where(has_b, -lb, zero))
+    bound = math.log(_BOUND)
+    return u.clamp(-bound, bound).exp(), w.clamp(-bound, bound).exp()
 
 
 class _ScaledDifferentiator:
@@ -196,6 +220,8 @@ class _ScaledDifferentiator:
         self._inner, self._s = inner, scaling
 
     def __getattr__(self, name):  # e.g. ``degenerate``, set by the inner solves
+        if name.startswith("__") or name in ("_inner", "_s"):  # copy and pickle protocols
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
     @staticmethod

@@ -126,7 +126,8 @@ def _on(pattern: SparsePattern, left: torch.Tensor, right: torch.Tensor) -> torc
     """``left[:, rows] * right[:, cols]`` on ``pattern``'s entries."""
     rows = torch.as_tensor(pattern.rows, device=left.device)
     cols = torch.as_tensor(pattern.cols, device=left.device)
-    return left[:, rows] * right[:, cols]
+    # index_select: advanced indexing took 13-30 ms here for a (32, 120) result (torch 2.13, CPU)
+    return left.index_select(1, rows) * right.index_select(1, cols)
 
 
 def identity(p: ConeProgram) -> Scaling:
@@ -177,13 +178,25 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
         pc = torch.as_tensor(p.P_pattern.cols, device=dev)
         big = _largest(P, P)
         P = P / torch.where(big > 0, big, torch.ones_like(big))
+    # Dense patterns (QPLayer's) as (k, rows, cols) views: maxima along a dimension, no scatter.
+    dense_A = p.A_pattern.is_full
+    dense_P = P is not None and p.P_pattern.is_full
+    A = A.abs().view(k, m, n) if dense_A else A.abs()
+    if P is not None:
+        P = P.abs().view(k, n, n) if dense_P else P.abs()
     D, E = A.new_ones(k, n), A.new_ones(k, m)
     for _ in range(iters):
-        At = A * E[:, ar] * D[:, ac]
-        col = _amax_into(n, ac, At)
-        if P is not None:
-            col = torch.maximum(col, _amax_into(n, pc, P * D[:, pr] * D[:, pc]))
-        row = _amax_into(m, ar, At)
+        if dense_A:
+            At = A * E[:, :, None] * D[:, None, :]
+            col, row = At.amax(1) if m else D.new_zeros(k, n), At.amax(2)
+        else:
+            At = A * E.index_select(1, ar) * D.index_select(1, ac)
+            col, row = _amax_into(n, ac, At), _amax_into(m, ar, At)
+        if dense_P:
+            col = torch.maximum(col, (P * D[:, :, None] * D[:, None, :]).amax(1))
+        elif P is not None:
+            col = torch.maximum(col, _amax_into(
+                n, pc, P * D.index_select(1, pr) * D.index_select(1, pc)))
         if n_blocks < m:  # one factor per cone block: the largest row norm of the block
             row = _amax_into(n_blocks, blocks, row).gather(1, blocks.expand(k, -1))
         D = (D * _inverse_sqrt(col)).clamp(1 / _BOUND, _BOUND)

@@ -15,7 +15,7 @@ from diffopt.cones import ConeDims
 from diffopt.diff.smoothing import GradientMode, as_mode
 from diffopt.errors import InputError
 from diffopt.gp import GpReduction
-from diffopt.solve import SolveInfo, make_call, select_backend
+from diffopt.solve import COMPUTE_DTYPE, SolveInfo, make_call, select_backend
 from diffopt.solvers.base import SparsePattern, add_cols, plain, take_cols
 
 
@@ -276,8 +276,6 @@ class CvxpyLayer(_InfoRecord, nn.Module):
         out = []
         for k, (p, val) in enumerate(zip(self.parameters_, tensors)):
             val = val.to(dtype)
-            if not torch.isfinite(plain(val)).all():
-                raise InputError(f"parameter {p.name()!r} contains NaN or Inf values")
             if self._gp is not None:
                 self._gp.check_value(k, plain(val))
             self._check_attributes(p, plain(val))
@@ -288,6 +286,9 @@ class CvxpyLayer(_InfoRecord, nn.Module):
 
     @staticmethod
     def _check_attributes(p: cp.Parameter, val: torch.Tensor) -> None:
+        # NaN or Inf values fail their own items (status NOT_FINITE), not the call
+        if not bool(torch.isfinite(val).all()):
+            return
         if p.is_pos() and not bool((val > 0).all()):
             raise InputError(
                 f"parameter {p.name()!r} is declared pos=True but received values <= 0 "
@@ -338,6 +339,10 @@ class CvxpyLayer(_InfoRecord, nn.Module):
         call = make_call(solver_args or {}, self.solver, t.P_pattern, t.A_pattern, t.dims,
                          defaults=self.solver_args)
         tensors, B, batched = self._batch(params)
+        out_dtype = tensors[0].dtype
+        # The parameter maps run in float64 too: in float32 a redundant equality row
+        # ((TF)x = Tg next to Fx = g) is rounded into a conflicting one.
+        tensors = [v.to(COMPUTE_DTYPE) for v in tensors]
         if self._gp is not None:
             tensors = self._gp.to_dcp(tensors)
         ones = tensors[0].new_ones(B, 1)
@@ -354,7 +359,7 @@ class CvxpyLayer(_InfoRecord, nn.Module):
             src = x if rec.src == "x" else y
             idx = getattr(self, f"rec{k}_idx").to(src.device)
             coef = getattr(self, f"rec{k}_coef").to(src.device, src.dtype)
-            val = unflatten_f(take_cols(src, idx) * coef, rec.shape)
+            val = unflatten_f(take_cols(src, idx) * coef, rec.shape).to(out_dtype)
             outs.append(val if batched else val[0])
         return tuple(outs) if self._gp is None else self._gp.from_dcp(outs)
 
@@ -484,8 +489,6 @@ class QPLayer(_InfoRecord, nn.Module):
                     f"{name}: expected shape {shape} or (batch, *{shape}) for n={n}, m={m}, p={p}, "
                     f"received {tuple(val.shape)}"
                 )
-            if not torch.isfinite(plain(val)).all():
-                raise InputError(f"{name} contains NaN or Inf values")
             dtype = torch.promote_types(dtype, val.dtype)
         if len(sizes) > 1:
             raise InputError(f"inconsistent batch sizes {sorted(sizes)} across arguments")
@@ -495,7 +498,7 @@ class QPLayer(_InfoRecord, nn.Module):
             raise InputError("batch size 0: pass at least one problem instance")
 
         def batch(val, shape):
-            val = val.to(dtype)
+            val = val.to(COMPUTE_DTYPE)  # solved in float64, returned in ``dtype``
             return val.expand(B, *shape) if val.ndim == len(shape) else val
 
         rows_A = [batch(A, (p, n))] if p else []
@@ -503,8 +506,8 @@ class QPLayer(_InfoRecord, nn.Module):
         if m:
             rows_A.append(batch(G, (m, n)))
             rows_b.append(batch(h, (m,)))
-        Amat = torch.cat(rows_A, 1) if rows_A else q.new_zeros(B, 0, n, dtype=dtype)
-        bvec = torch.cat(rows_b, 1) if rows_b else q.new_zeros(B, 0, dtype=dtype)
+        Amat = torch.cat(rows_A, 1) if rows_A else q.new_zeros(B, 0, n, dtype=COMPUTE_DTYPE)
+        bvec = torch.cat(rows_b, 1) if rows_b else q.new_zeros(B, 0, dtype=COMPUTE_DTYPE)
         dims = ConeDims(zero=p, nonneg=m)
         call = make_call(solver_args or {}, self.solver,
                          None if P is None else _dense_pattern(n, n), _dense_pattern(p + m, n),
@@ -519,6 +522,7 @@ class QPLayer(_InfoRecord, nn.Module):
             x, y, _ = mode.solve(Pvals, batch(q, (n,)), Amat.reshape(B, (p + m) * n), bvec, call)
         finally:
             self.info = call.info
+        x, y = x.to(dtype), y.to(dtype)
         outs = (x, y[:, :p], y[:, p:]) if self.duals else (x,)
         if not batched:
             outs = tuple(o[0] for o in outs)

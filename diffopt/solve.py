@@ -35,9 +35,14 @@ from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
 from diffopt.diff.refine import refine_solution
 from diffopt.errors import InputError, ProblemError, SolverError
+from diffopt.scaling import solve_scaled
 from diffopt.solvers.base import (Backend, ConeProgram, SparsePattern, Status, one_torch_thread,
                                   pattern_matvec, take_cols)
 from diffopt.solvers.options import select_backend, translate
+from diffopt.verify import verify
+
+#: The dtype of every solve and derivative (see :func:`cone_solve`).
+COMPUTE_DTYPE = torch.float64
 
 #: solver_args keys consumed by diffopt itself (everything else goes to the backend).
 CALL_OPTIONS = ("solver", "on_failure", "allow_inaccurate", "kkt", "refine")
@@ -79,12 +84,14 @@ class SolveInfo:
         ('OPTIMAL', 3, True)
 
     Attributes:
-        status: canonical :class:`~diffopt.Status` per item.
+        status: canonical :class:`~diffopt.Status` per item, set by the verified residuals
+            (:mod:`diffopt.verify`), whatever the backend reported.
         iterations: iterations per item, as reported by the backend.
         solve_time: seconds per item, as reported by the backend.
-        primal_residual: ``‖Ax + s − b‖∞`` per item.
-        dual_residual: ``‖Px + Aᵀy + c‖∞`` per item.
-        gap: ``|sᵀy|`` per item.
+        primal_residual: relative primal residual per item (``Ax + s = b``, ``s ∈ K``).
+        dual_residual: relative dual residual per item (``Px + Aᵀy + c = 0``, ``y ∈ K*``).
+        gap: relative complementarity gap ``|sᵀy|`` per item.
+        backend_status: the status the backend reported, per item.
         degenerate: per item, True when its KKT system was singular and the gradient came from
             a least-squares solve (None until a derivative was computed).
         errors: ``{item: "ExceptionType: message"}`` for the items whose backend raised (status
@@ -99,6 +106,7 @@ class SolveInfo:
     primal_residual: list[float] = field(default_factory=list)
     dual_residual: list[float] = field(default_factory=list)
     gap: list[float] = field(default_factory=list)
+    backend_status: list[Status] = field(default_factory=list)
     degenerate: list[bool] | None = None
     errors: dict[int, str] = field(default_factory=dict)
     refine_steps: list[int] = field(default_factory=list)
@@ -182,37 +190,29 @@ class _ConeSolve(torch.autograd.Function):
         B = c.shape[0]
         program = ConeProgram(call.P_pattern, P_values if call.P_pattern is not None else None,
                               c, call.A_pattern, A_values, b, call.dims)
-        sol = call.backend.solve(program, call.options)
+        sol, scaling = solve_scaled(call.backend, program, call.options)
         sol = refine_solution(program, sol, call.refine, call.kkt,
                               call.backend.one_thread_derivative(program, call.options))
-        ok_status = [st.ok or (call.allow_inaccurate and st is Status.INACCURATE)
-                     for st in sol.status]
+        verdict = verify(program, sol, scaling, call.options, call.allow_inaccurate)
+        ok_status = verdict.ok.tolist()
         dt, dev = sol.x.dtype, sol.x.device
-        ok = torch.tensor(ok_status, device=dev)
+        ok = verdict.ok.to(dev)
         x, y, s = (torch.where(ok[:, None], t, torch.zeros_like(t)) for t in (sol.x, sol.y, sol.s))
+        def clean(t):  # items with NaN or Inf data are failed: zeros keep their J finite
+            return torch.nan_to_num(t.detach().to(dt), nan=0.0, posinf=0.0, neginf=0.0)
+
         work = ConeProgram(
-            call.P_pattern, None if program.P_values is None else P_values.detach().to(dt),
-            c.detach().to(dt), call.A_pattern, A_values.detach().to(dt), b.detach().to(dt),
-            call.dims,
+            call.P_pattern, None if program.P_values is None else clean(P_values), clean(c),
+            call.A_pattern, clean(A_values), clean(b), call.dims,
         )
-        if len(sol.primal_residual) == len(sol.dual_residual) == len(sol.gap) == B:
-            residuals = sol.primal_residual, sol.dual_residual, sol.gap  # the backend's own
-        else:
-            r_p = pattern_matvec(work.A_values, call.A_pattern, x) + s - work.b
-            r_d = pattern_matvec(work.A_values, call.A_pattern, y, transpose=True) + work.c
-            if work.P_values is not None:
-                r_d = r_d + pattern_matvec(work.P_values, call.P_pattern, x)
-            residuals = (r_p.abs().amax(1).tolist() if r_p.shape[1] else [0.0] * B,
-                         r_d.abs().amax(1).tolist() if r_d.shape[1] else [0.0] * B,
-                         (s * y).sum(1).abs().tolist())
         info = SolveInfo(
-            status=list(sol.status), iterations=list(sol.iterations),
-            solve_time=list(sol.solve_time), primal_residual=list(residuals[0]),
-            dual_residual=list(residuals[1]), gap=list(residuals[2]), errors=dict(sol.errors),
-            refine_steps=list(sol.refine_steps),
+            status=verdict.status, iterations=list(sol.iterations),
+            solve_time=list(sol.solve_time), primal_residual=verdict.primal,
+            dual_residual=verdict.dual, gap=verdict.gap, backend_status=list(sol.status),
+            errors=dict(sol.errors), refine_steps=list(sol.refine_steps),
         )
         call.info = info
-        failed = {i: st for i, (st, good) in enumerate(zip(sol.status, ok_status)) if not good}
+        failed = {i: st for i, (st, good) in enumerate(zip(verdict.status, ok_status)) if not good}
         if failed and call.on_failure == "raise":
             raise SolverError(
                 f"{len(failed)} of {B} problem(s) in the batch were not solved "
@@ -456,7 +456,12 @@ def make_call(solver_args: dict, solver: str, P_pattern: SparsePattern | None,
 # torch.compile: the solve (NumPy/C solvers, Python control flow) is a graph break and runs eagerly.
 @torch.compiler.disable
 def cone_solve(P_values, c, A_values, b, call: _Call):
-    """Solve a batch of cone programs; differentiable in ``(P_values, c, A_values, b)``."""
+    """Solve a batch of cone programs; differentiable in ``(P_values, c, A_values, b)``.
+
+    One numeric policy: the solve and its derivative run in float64 whatever the data's dtype
+    (float32, float16, bfloat16); the results, and the gradients, come back in ``c``'s dtype.
+    """
     if P_values is None:
         P_values = c.new_zeros(c.shape[0], 0)
-    return tuple(t.to(c.dtype) for t in _ConeSolve.apply(P_values, c, A_values, b, call))
+    data = (t.to(COMPUTE_DTYPE) for t in (P_values, c, A_values, b))
+    return tuple(t.to(c.dtype) for t in _ConeSolve.apply(*data, call))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffopt import CvxpyLayer, InputError, ProblemError
+from diffopt import CvxpyLayer, InputError, ProblemError, SolverError
 
 
 @pytest.fixture
@@ -117,11 +117,12 @@ def test_mixed_devices(simple):
 
 
 def test_nan_and_inf(simple):
+    """NaN or Inf fails the items it reaches (status NOT_FINITE), see also test_numeric.py."""
     prob, z, w, x = simple
     layer = CvxpyLayer(prob, [z, w], [x])
-    with pytest.raises(InputError, match="'param.*' contains NaN or Inf"):
+    with pytest.raises(SolverError, match=r"items \[0\] NOT_FINITE: the item's data .* NaN or Inf"):
         layer(torch.tensor([0.0, float("nan"), 1.0]), torch.tensor(1.0))
-    with pytest.raises(InputError, match="contains NaN or Inf"):
+    with pytest.raises(SolverError, match="NOT_FINITE"):
         layer(torch.zeros(3), torch.tensor(float("inf")))
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffopt import InputError, QPLayer
+from diffopt import InputError, QPLayer, SolverError
 from problems import rel_err
 
 
@@ -166,7 +166,7 @@ def test_errors():
         layer(P, q, G[:, :3], h)
     with pytest.raises(InputError, match=r"inconsistent batch sizes \[3, 4\]"):
         layer(P, q, G, h.expand(3, 4))
-    with pytest.raises(InputError, match="h contains NaN"):
+    with pytest.raises(SolverError, match="NOT_FINITE: the item.s data"):
         layer(P, q, G, h * float("nan"))
     with pytest.raises(InputError, match="expected a floating-point torch.Tensor"):
         layer(P, q.numpy(), G, h)

@@ -38,6 +38,7 @@ class _Solved(Backend):
     name = "native"
     cones = frozenset({"zero", "nonneg"})
     quadratic_objective = True
+    equilibrate = False  # the solution is of the program as given
 
     def __init__(self, solution: Solution) -> None:
         self._solution = solution

@@ -58,7 +58,14 @@ class Status(enum.Enum):
     MAX_ITERATIONS = (
         "the iteration limit was reached before convergence; raise max_iters or check scaling"
     )
-    NUMERICAL_ERROR = "the solver failed numerically; check the scaling of the problem data"
+    NUMERICAL_ERROR = (
+        "the solver failed numerically, or its answer failed verification; check the scaling of "
+        "the problem data"
+    )
+    NOT_FINITE = (
+        "the item's data (parameters) or the solver's answer contain NaN or Inf; check the "
+        "inputs of this item"
+    )
 
     @property
     def ok(self) -> bool:
@@ -238,11 +245,15 @@ class Backend:
         cones: the cone kinds supported, among ``{"zero", "nonneg", "soc", "psd", "exp",
             "pow"}`` (see :meth:`diffopt.cones.ConeDims.kinds`).
         quadratic_objective: whether ``P`` is accepted (otherwise QPs are refused).
+        equilibrate: whether the program is equilibrated before ``solve`` (default True).
     """
 
     name: ClassVar[str]
     cones: ClassVar[frozenset[str]]
     quadratic_objective: ClassVar[bool]
+    #: Whether the layer equilibrates the program before this backend solves it
+    #: (:mod:`diffopt.scaling`); False for a backend that returns a precomputed answer.
+    equilibrate: ClassVar[bool] = True
 
     def supports(self, dims: ConeDims, quadratic: bool) -> str | None:
         """Return None when the backend can solve the program, else the reason it cannot."""
@@ -386,8 +397,9 @@ class PerItemBackend(Backend):
             out = np.full((B, size), np.nan)
             for i, r in enumerate(results):
                 val = getattr(r, attr)
-                # inaccurate answers too: refinement may finish them, allow_inaccurate use them
-                if (r.status.ok or r.status is Status.INACCURATE) and val is not None:
+                # every answer the solver gave (a certificate for an infeasible item): the
+                # layer verifies it and decides what is returned
+                if val is not None:
                     out[i] = val if not rows or unpermute is None else val[unpermute]
             return torch.as_tensor(out, dtype=ref.dtype).to(ref.device)
 

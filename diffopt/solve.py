@@ -191,6 +191,7 @@ class _ConeSolve(torch.autograd.Function):
         program = ConeProgram(call.P_pattern, P_values if call.P_pattern is not None else None,
                               c, call.A_pattern, A_values, b, call.dims)
         sol, scaling = solve_scaled(call.backend, program, call.options)
+        backend_status = list(sol.status)  # the backend's own labels, before refinement
         sol = refine_solution(program, sol, call.refine, call.kkt,
                               call.backend.one_thread_derivative(program, call.options))
         verdict = verify(program, sol, scaling, call.options, call.allow_inaccurate)
@@ -208,7 +209,7 @@ class _ConeSolve(torch.autograd.Function):
         info = SolveInfo(
             status=verdict.status, iterations=list(sol.iterations),
             solve_time=list(sol.solve_time), primal_residual=verdict.primal,
-            dual_residual=verdict.dual, gap=verdict.gap, backend_status=list(sol.status),
+            dual_residual=verdict.dual, gap=verdict.gap, backend_status=backend_status,
             errors=dict(sol.errors), refine_steps=list(sol.refine_steps),
         )
         call.info = info

@@ -104,6 +104,11 @@ def verify(program: ConeProgram, sol: Solution, scaling: Scaling, options: dict,
     barrier = float(options.get("mu", 0.0) or 0.0) > 0
     worst = torch.stack([primal, dual] if barrier else [primal, dual, gap]).amax(0)
     host = [t.tolist() for t in (worst, infeasible, unbounded, *fin, data_ok)]
+    limit = options.get("max_iters")
+
+    def stopped(i: int) -> bool:
+        return limit is not None and i < len(sol.iterations) and sol.iterations[i] >= limit
+
     status = []
     for i, label in enumerate(sol.status):
         r, inf_ok, unb_ok, fx, fy, fs, dok = (h[i] for h in host)
@@ -117,6 +122,8 @@ def verify(program: ConeProgram, sol: Solution, scaling: Scaling, options: dict,
             status.append(Status.OPTIMAL)
         elif fx and fy and fs and r <= tol ** 0.5:
             status.append(Status.INACCURATE)
+        elif label is Status.INACCURATE and stopped(i):
+            status.append(Status.MAX_ITERATIONS)  # a backend's last iterate, e.g. SCS's
         elif label in (Status.OPTIMAL, Status.INACCURATE):
             status.append(Status.NUMERICAL_ERROR if fx and fy and fs else Status.NOT_FINITE)
         else:

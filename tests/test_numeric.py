@@ -157,7 +157,8 @@ def test_allow_inaccurate_keeps_and_marks_the_answer():
     rng = np.random.default_rng(0)
     z = torch.tensor(rng.standard_normal((6, 3)), requires_grad=True)
     s = torch.tensor(rng.standard_normal(6))
-    args = {"max_iters": 6, "allow_inaccurate": True, "on_failure": "nan"}
+    # refine=False: refinement would finish every item of this SOC projection
+    args = {"max_iters": 6, "allow_inaccurate": True, "on_failure": "nan", "refine": False}
     x, t = layer(z, s, solver_args=args)
     status = layer.info.status
     assert Status.INACCURATE in status

@@ -133,8 +133,13 @@ def neumann(
     return u, LinearSolveInfo("neumann", it, res, res <= tol)
 
 
-def direct(matvec: Matvec, v: torch.Tensor, *, tol: float) -> tuple[torch.Tensor, LinearSolveInfo]:
+def direct(
+    matvec: Matvec, v: torch.Tensor, *, tol: float, symmetric: bool = True
+) -> tuple[torch.Tensor, LinearSolveInfo]:
     """Assemble ``H`` column by column (``n`` products) and solve it with a dense LU.
+
+    With ``symmetric`` the assembled matrix is symmetrised first (for a Hessian); without it any
+    nonsingular matrix works (the Jacobian of a general optimality or fixed-point condition).
 
     Exact up to rounding and independent of conditioning, but costs ``n`` Hessian-vector products
     and :math:`O(n^2)` memory: for inner problems with a few thousand variables at most.
@@ -150,7 +155,8 @@ def direct(matvec: Matvec, v: torch.Tensor, *, tol: float) -> tuple[torch.Tensor
     n = v.numel()
     eye = torch.eye(n, dtype=v.dtype, device=v.device)
     H = torch.stack([matvec(eye[i]) for i in range(n)], dim=1)
-    H = 0.5 * (H + H.T)  # symmetrise away the rounding of the double backward
+    if symmetric:
+        H = 0.5 * (H + H.T)  # symmetrise away the rounding of the double backward
     try:
         u = torch.linalg.solve(H, v)
     except torch.linalg.LinAlgError:  # singular H: least-squares solution; the residual tells

@@ -18,6 +18,10 @@ with the upstream gradient :math:`v = \\partial L/\\partial w^\\star` therefore 
 
 Both :math:`Hp` and the last product are double-backward passes through ``fn`` at the saved
 point, so nothing of the inner loop is stored: only :math:`w^\\star` and :math:`\\lambda`.
+
+For a general condition :math:`F(w^\\star, \\lambda) = 0` (:mod:`diffopt.bilevel.root`) the same
+derivation solves :math:`(\\partial_w F)^{\\top} u = v` with vector-Jacobian products of
+:math:`F`; the Jacobian is symmetric only when :math:`F` is a gradient, as above.
 """
 
 from __future__ import annotations

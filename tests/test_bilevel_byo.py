@@ -306,3 +306,23 @@ def test_neumann_warns_when_budget_too_small() -> None:
         ridge.outer(w).backward()
     # the old 100-product default: several percent off, hence the warning
     assert abs(lam.grad.item() - ridge.hypergradient(0.01)) > 0.01 * abs(lam.grad.item())
+
+
+# --- warm-started implicit solves -------------------------------------------------------
+
+
+def test_warm_start_saves_products_with_the_same_hypergradient() -> None:
+    ridge = _conditioned_ridge()
+    warm = bl.Implicit(solver="cg", maxiter=1000, warm_start=bl.WarmStart())
+    cold = bl.Implicit(solver="cg", maxiter=1000)
+    used = {"warm": [], "cold": []}
+    for value in (0.05, 0.0501):  # two nearby outer iterates
+        for name, strategy in (("warm", warm), ("cold", cold)):
+            lam = _lam(value)
+            w, diag = bl.argmin(ridge.inner, ridge.solve(lam.detach()), lam, backward=strategy,
+                                return_diagnostics=True)
+            ridge.outer(w).backward()
+            assert lam.grad.item() == pytest.approx(ridge.hypergradient(value), rel=1e-8)
+            used[name].append(diag.linear_solve.iterations)
+    assert used["warm"][0] == used["cold"][0]  # nothing stored yet: a cold start
+    assert used["warm"][1] < used["cold"][1], used

@@ -15,7 +15,7 @@ are decision-focused losses and metrics for learning the costs of linear program
 
 from diffopt.bilevel._capture import CapturedTensorWarning
 from diffopt.bilevel._params import FunctionalModule
-from diffopt.bilevel.linear_solve import LinearSolveInfo
+from diffopt.bilevel.linear_solve import LinearSolveInfo, WarmStart
 from diffopt.bilevel.losses import normalized_regret, perturbed_fenchel_young, regret, spo_plus
 from diffopt.bilevel.maml import imaml_adapt, maml_adapt
 from diffopt.bilevel.minimize import argmin, minimize
@@ -37,6 +37,7 @@ __all__ = [
     "NotConvergedWarning",
     "Truncated",
     "Unrolled",
+    "WarmStart",
     "argmin",
     "custom_root",
     "fixed_point",

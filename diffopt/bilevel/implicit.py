@@ -79,13 +79,19 @@ def _grad_or_zero(
 
 
 def _solve(strategy: Implicit, matvec: linear_solve.Matvec, v: torch.Tensor, symmetric: bool):
+    warm = strategy.warm_start
+    x0 = None if warm is None else warm.initial(v)
     if strategy.solver == "cg":
-        return linear_solve.cg(matvec, v, maxiter=strategy.iterations(), tol=strategy.tol)
-    if strategy.solver == "neumann":
-        return linear_solve.neumann(
-            matvec, v, maxiter=strategy.iterations(), tol=strategy.tol, alpha=strategy.alpha
+        u, info = linear_solve.cg(matvec, v, maxiter=strategy.iterations(), tol=strategy.tol, x0=x0)
+    elif strategy.solver == "neumann":
+        u, info = linear_solve.neumann(
+            matvec, v, maxiter=strategy.iterations(), tol=strategy.tol, alpha=strategy.alpha, x0=x0
         )
-    return linear_solve.direct(matvec, v, tol=strategy.tol, symmetric=symmetric)
+    else:
+        u, info = linear_solve.direct(matvec, v, tol=strategy.tol, symmetric=symmetric)
+    if warm is not None:
+        warm.solution = u.detach()
+    return u, info
 
 
 class ImplicitSolution(torch.autograd.Function):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffopt.bilevel.linear_solve import LinearSolveInfo
+from diffopt.bilevel.linear_solve import LinearSolveInfo, WarmStart
 
 SOLVERS = ("cg", "neumann", "direct")
 
@@ -71,6 +71,8 @@ class Implicit:
         alpha: step size of the Neumann series; ``None`` estimates :math:`1/\\lambda_{\\max}(H)`.
         stationarity_tol: when :func:`minimize` gets ``tol=None``, the inner gradient norm above
             which a :class:`NotConvergedWarning` is emitted.
+        warm_start: a :class:`~diffopt.bilevel.linear_solve.WarmStart` shared across outer
+            steps: ``"cg"`` and ``"neumann"`` start from the previous solve's solution.
 
     Examples:
         >>> Implicit(solver="neumann", maxiter=500).solver
@@ -82,6 +84,7 @@ class Implicit:
     tol: float = 1e-10
     alpha: float | None = None
     stationarity_tol: float = 1e-5
+    warm_start: WarmStart | None = None
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:

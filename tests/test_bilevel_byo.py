@@ -160,6 +160,8 @@ def test_root_errors(ridge: Ridge) -> None:
         bl.argmin(ridge.inner, w, lam, backward=bl.Unrolled())
     with pytest.raises(TypeError, match=r"backward must be an Implicit\(...\) strategy"):
         bl.fixed_point(lambda w, lam: w, w, lam, backward=bl.Truncated(2))
+    with pytest.raises(ValueError, match=r"fixed_point cannot use Implicit\(solver='cg'\).*argmin"):
+        bl.fixed_point(lambda w, lam: w, w, lam, backward=bl.Implicit(solver="cg"))
     with pytest.warns(bl.NotConvergedWarning, match=r"residual norm is .* > .*stationarity_tol"):
         bl.root(ridge.grad_inner, w + 0.1, lam)
 

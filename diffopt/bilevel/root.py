@@ -224,6 +224,12 @@ def fixed_point(
         >>> abs(b.grad.item() - 1 / (1 + torch.sin(w).item() / 2)) < 1e-9
         True
     """
+    if isinstance(backward, Implicit) and backward.solver == "cg":
+        raise ValueError(
+            "fixed_point cannot use Implicit(solver='cg'): the Jacobian of w - T(w, hparams) is "
+            "not symmetric in general. Use solver='neumann' (the default, for contractions) or "
+            "'direct'; if T is a gradient step w - eta * grad f, use argmin(f, ...) with CG."
+        )
     strategy = _check_strategy(backward, symmetric=False)
     warn_captured(mapping, flatten(hparams, "hparams")[0], "mapping")
     _, ws = flatten(solution, "solution")

@@ -18,6 +18,10 @@ with the upstream gradient :math:`v = \\partial L/\\partial w^\\star` therefore 
 
 Both :math:`Hp` and the last product are double-backward passes through ``fn`` at the saved
 point, so nothing of the inner loop is stored: only :math:`w^\\star` and :math:`\\lambda`.
+
+For a general condition :math:`F(w^\\star, \\lambda) = 0` (:mod:`diffopt.bilevel.root`) the same
+derivation solves :math:`(\\partial_w F)^{\\top} u = v` with vector-Jacobian products of
+:math:`F`; the Jacobian is symmetric only when :math:`F` is a gradient, as above.
 """
 
 from __future__ import annotations
@@ -31,20 +35,24 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from diffopt.bilevel import linear_solve
-from diffopt.bilevel._params import Structure
+from diffopt.bilevel._params import Leaves
 from diffopt.bilevel.strategies import Diagnostics, Implicit, NotConvergedWarning
 
 
 @dataclass(frozen=True)
 class _Spec:
-    """Everything the backward needs besides tensors."""
+    """Everything the backward needs besides tensors.
 
-    fn: Callable[[Any, Any], torch.Tensor]
-    w_structure: Structure
-    h_structure: Structure
+    ``optimality`` maps flat leaves ``(w, hparams)`` to the leaves of :math:`F(w, \\lambda)`,
+    which vanish at the solution; ``symmetric`` says its Jacobian in ``w`` is symmetric (it is a
+    gradient), which conjugate gradients and the symmetrised direct solve rely on.
+    """
+
+    optimality: Callable[[Leaves, Leaves], Leaves]
     n_w: int
     strategy: Implicit
     diagnostics: Diagnostics
+    symmetric: bool
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -70,14 +78,20 @@ def _grad_or_zero(
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
 
 
-def _solve(strategy: Implicit, matvec: linear_solve.Matvec, v: torch.Tensor):
+def _solve(strategy: Implicit, matvec: linear_solve.Matvec, v: torch.Tensor, symmetric: bool):
+    warm = strategy.warm_start
+    x0 = None if warm is None else warm.initial(v)
     if strategy.solver == "cg":
-        return linear_solve.cg(matvec, v, maxiter=strategy.maxiter, tol=strategy.tol)
-    if strategy.solver == "neumann":
-        return linear_solve.neumann(
-            matvec, v, maxiter=strategy.maxiter, tol=strategy.tol, alpha=strategy.alpha
+        u, info = linear_solve.cg(matvec, v, maxiter=strategy.iterations(), tol=strategy.tol, x0=x0)
+    elif strategy.solver == "neumann":
+        u, info = linear_solve.neumann(
+            matvec, v, maxiter=strategy.iterations(), tol=strategy.tol, alpha=strategy.alpha, x0=x0
         )
-    return linear_solve.direct(matvec, v, tol=strategy.tol)
+    else:
+        u, info = linear_solve.direct(matvec, v, tol=strategy.tol, symmetric=symmetric)
+    if warm is not None:
+        warm.solution = u.detach()
+    return u, info
 
 
 class ImplicitSolution(torch.autograd.Function):
@@ -110,15 +124,14 @@ class ImplicitSolution(torch.autograd.Function):
             lam = tuple(
                 t.detach().requires_grad_(need) for t, need in zip(saved[spec.n_w :], needs)
             )
-            loss = spec.fn(spec.w_structure.build(w), spec.h_structure.build(lam))
-            # F = grad_w f, kept with its graph: every product below is one more backward of it.
-            F = torch.autograd.grad(loss, w, create_graph=True)
+            # F kept with its graph: every product below is one more backward of it.
+            F = spec.optimality(w, lam)
 
-            def hvp(p: torch.Tensor) -> torch.Tensor:
+            def vjp(p: torch.Tensor) -> torch.Tensor:  # (dF/dw)^T p: H p for F = grad_w f
                 return _flat(_grad_or_zero(F, w, _unflat(p, w)))
 
             v = _flat(grad_w)
-            u, info = _solve(spec.strategy, hvp, v)
+            u, info = _solve(spec.strategy, vjp, v, spec.symmetric)
             spec.diagnostics.linear_solve = info
             if not info.converged:
                 warnings.warn(
@@ -126,12 +139,14 @@ class ImplicitSolution(torch.autograd.Function):
                         f"the implicit linear solve (solver={info.solver!r}) stopped at relative "
                         f"residual {info.residual:.2e} > tol={spec.strategy.tol:.0e} after "
                         f"{info.iterations} Hessian-vector products; the hypergradient is "
-                        f"inaccurate. Raise Implicit(maxiter=...), use solver='direct' for small "
-                        f"problems, or check that the inner Hessian is positive definite."
+                        f"inaccurate. Raise Implicit(maxiter=...), use solver='cg' (symmetric "
+                        f"problems) or 'direct' (small ones), or check that the Jacobian of the "
+                        f"optimality condition is nonsingular (the inner Hessian positive "
+                        f"definite)."
                     ),
                     stacklevel=2,
                 )
-            # dL/dlambda = -(d^2 f / dw dlambda)^T u = -grad_lambda <F, u>
+            # dL/dlambda = -(dF/dlambda)^T u = -grad_lambda <F, u>
             wanted = [x for x, need in zip(lam, needs) if need]
             mixed = iter(_grad_or_zero(F, wanted, _unflat(u, w)))
         lam_grads = tuple(-next(mixed) if need else None for need in needs)

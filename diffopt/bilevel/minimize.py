@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from diffopt.bilevel import optimizers
+from diffopt.bilevel._capture import warn_captured
 from diffopt.bilevel._params import Leaves, Structure, flatten
-from diffopt.bilevel.implicit import ImplicitSolution, _Spec
+from diffopt.bilevel.root import attach
 from diffopt.bilevel.strategies import (
     Diagnostics,
     Implicit,
@@ -33,6 +34,12 @@ class _Objective:
 
     def grad(self, w: Leaves, h: Leaves, *, create_graph: bool) -> Leaves:
         """:math:`\\nabla_w f(w, h)`; with ``create_graph`` it is itself differentiable."""
+        return self.loss_and_grad(w, h, create_graph=create_graph)[1]
+
+    def loss_and_grad(
+        self, w: Leaves, h: Leaves, *, create_graph: bool
+    ) -> tuple[torch.Tensor, Leaves]:
+        """The loss and :math:`\\nabla_w f(w, h)`."""
         loss = self.fn(self.w_structure.build(w), self.h_structure.build(h))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -49,7 +56,7 @@ class _Objective:
                 f"the w argument it receives (not from a captured copy), or drop those "
                 f"parameters from init."
             )
-        return grads
+        return loss, grads
 
     def detached_grad(self, w: Leaves, h: Leaves) -> Leaves:
         """Gradient at ``w`` with no graph kept (neither to ``w`` nor to ``h``)."""
@@ -111,29 +118,62 @@ def _iterate_torch_optimizer(
     steps: int,
     tol: float | None,
 ) -> tuple[Leaves, int]:
-    """Detached inner loop driven by a ``torch.optim`` optimizer (for :class:`Implicit` only)."""
+    """Detached inner loop driven by a ``torch.optim`` optimizer (for :class:`Implicit` only).
+
+    Each step gets a closure that recomputes loss and gradient, so line-search optimizers such
+    as ``torch.optim.LBFGS`` (which call it several times per step) work too.
+    """
     params = [x.detach().clone().requires_grad_() for x in w]
     opt = cls(params, lr=lr, **options)
     h = optimizers.detach_all(h)
-    for t in range(steps):
+
+    def closure() -> torch.Tensor:
         with torch.enable_grad():
-            grads = obj.grad(tuple(params), h, create_graph=False)
-        if tol is not None and _norm(grads) <= tol:
-            return optimizers.detach_all(params), t
+            loss, grads = obj.loss_and_grad(tuple(params), h, create_graph=False)
         for p, g in zip(params, grads):
             p.grad = g
-        opt.step()
+        return loss.detach()
+
+    for t in range(steps):
+        closure()
+        if tol is not None and _norm(tuple(p.grad for p in params)) <= tol:
+            return optimizers.detach_all(params), t
+        opt.step(closure)
     return optimizers.detach_all(params), steps
 
 
+def _check_lr(lr: Any, backward: Any, options: dict[str, Any]) -> float | torch.Tensor:
+    """A positive number, or a positive scalar tensor (learnable under unrolling)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point() or not bool(lr.detach() > 0):
+            raise ValueError(
+                f"lr must be a positive number or a positive floating-point scalar tensor; "
+                f"received a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}."
+            )
+        lr = lr.reshape(())
+    elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number; received {lr!r}.")
+    learnable = [
+        name
+        for name, value in [("lr", lr), *options.items()]
+        if isinstance(value, torch.Tensor) and value.requires_grad
+    ]
+    if learnable and isinstance(backward, Implicit):
+        raise ValueError(
+            f"{', '.join(learnable)} require(s) grad, but backward=Implicit() differentiates the "
+            f"optimum, which does not depend on the optimizer's settings (their gradient is "
+            f"zero by the implicit function theorem). Use Unrolled() or Truncated(k) to learn "
+            f"inner optimizer hyperparameters, or pass them detached."
+        )
+    return lr
+
+
 def _check_args(
-    steps: Any, lr: Any, tol: Any, backward: Any, optimizer: Any
+    steps: Any, tol: Any, backward: Any, optimizer: Any
 ) -> type[torch.optim.Optimizer] | None:
     """Validate scalar arguments; return the torch optimizer class if one was given."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; received {steps!r}.")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a positive number; received {lr!r}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer; received {steps!r}.")
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"tol must be None or a non-negative number; received {tol!r}.")
     if isinstance(backward, type) and issubclass(backward, (Implicit, Unrolled, Truncated)):
@@ -167,13 +207,105 @@ def _check_args(
     return None
 
 
+def _implicit(
+    obj: _Objective, w: Leaves, h: Leaves, backward: Implicit, taken: int, tol: float | None
+) -> tuple[Leaves, Diagnostics]:
+    """Check stationarity at ``w`` and wire it to ``h`` through the implicit backward."""
+    grad_norm = _norm(obj.detached_grad(w, h))
+    threshold = backward.stationarity_tol if tol is None else tol
+    converged = grad_norm <= threshold
+    diagnostics = Diagnostics(backward, taken, grad_norm, converged)
+    if not converged:
+        warnings.warn(
+            NotConvergedWarning(
+                f"the inner problem is not converged: ||grad_w f|| = {grad_norm:.2e} > "
+                f"{threshold:.0e} after {taken} steps, and the implicit hypergradient is "
+                f"exact only at the optimum. Raise steps, tune lr, or use Unrolled() / "
+                f"Truncated(k) to differentiate the iterates actually computed."
+            ),
+            stacklevel=3,
+        )
+
+    def optimality(w: Leaves, h: Leaves) -> Leaves:
+        return obj.grad(w, h, create_graph=True)
+
+    return attach(optimality, w, h, backward, diagnostics, symmetric=True), diagnostics
+
+
+def argmin(
+    fn: InnerFn,
+    solution: Any,
+    hparams: Any,
+    *,
+    backward: Implicit = Implicit(),
+    return_diagnostics: bool = False,
+) -> Any:
+    """Attach the implicit hypergradient to a minimiser of ``fn`` computed by any code.
+
+    ``solution`` (for example from SciPy, a closed form or a CvxpyLayer solve) is taken as a
+    constant :math:`w^\\star` with :math:`\\nabla_w f(w^\\star, \\lambda) = 0`; the result is
+    a copy wired to ``hparams`` exactly as :func:`minimize` with :class:`Implicit` wires its
+    own solution (the same code path, with ``steps=0``).
+
+    Args:
+        fn: the inner loss ``fn(w, hparams) -> scalar tensor``, as in :func:`minimize`.
+        solution: the minimiser: a tensor, a tuple of tensors, or an ``nn.Module``.
+        hparams: the outer variables :math:`\\lambda`.
+        backward: an :class:`Implicit` strategy (conjugate gradients by default).
+        return_diagnostics: also return the :class:`Diagnostics` record.
+
+    Returns:
+        The solution in the form it was passed, and optionally the diagnostics.
+
+    Warns:
+        NotConvergedWarning: when :math:`\\|\\nabla_w f\\|` at ``solution`` exceeds
+            ``backward.stationarity_tol``, or the backward linear solve misses its tolerance.
+        CapturedTensorWarning: when ``fn`` captures tensors requiring grad that are not in
+            ``hparams``.
+
+    Examples:
+        SciPy's L-BFGS-B solves the inner problem; the hypergradient comes from the IFT:
+
+        >>> import numpy as np, scipy.optimize, torch
+        >>> import diffopt.bilevel as bl
+        >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        >>> f = lambda w, lam: ((w - 3.0) ** 2).sum() + lam * (w ** 2).sum()
+        >>> res = scipy.optimize.minimize(
+        ...     lambda x: float(f(torch.from_numpy(x), lam.detach())), np.zeros(2),
+        ...     jac=lambda x: 2 * (x - 3.0) + 2 * lam.item() * x, method="L-BFGS-B",
+        ...     options={"gtol": 1e-12})
+        >>> w = bl.argmin(f, torch.from_numpy(res.x), lam)
+        >>> w.sum().backward()  # w* = 3/(1+λ): dΣw*/dλ = −6/(1+λ)²
+        >>> round(lam.grad.item(), 6)
+        -2.666667
+    """
+    backward = _check_implicit(backward)
+    w, w_structure = flatten(solution, "solution")
+    h, h_structure = flatten(hparams, "hparams")
+    warn_captured(fn, h, "fn")
+    obj = _Objective(fn, w_structure, h_structure)
+    w, diagnostics = _implicit(obj, optimizers.detach_all(w), h, backward, 0, None)
+    w_star = w_structure.build(w)
+    return (w_star, diagnostics) if return_diagnostics else w_star
+
+
+def _check_implicit(backward: Any) -> Implicit:
+    if not isinstance(backward, Implicit):
+        raise TypeError(
+            f"argmin attaches the implicit backward to a solution computed elsewhere, so "
+            f"backward must be Implicit(...); received {backward!r}. To unroll, run the inner "
+            f"loop with minimize(..., backward=Unrolled())."
+        )
+    return backward
+
+
 def minimize(
     fn: InnerFn,
     init: Any,
     hparams: Any,
     *,
     steps: int,
-    lr: float,
+    lr: float | torch.Tensor,
     optimizer: str | type[torch.optim.Optimizer] = "gd",
     backward: Strategy = Implicit(),
     tol: float | None = None,
@@ -202,16 +334,21 @@ def minimize(
             the form they were passed (a module arrives as a :class:`FunctionalModule`). Every
             tensor that should receive a hypergradient must reach ``fn`` through ``hparams``:
             :class:`Implicit` re-evaluates ``fn`` at the solution and differentiates only
-            with respect to ``hparams``.
+            with respect to ``hparams`` (a :class:`CapturedTensorWarning` names tensors
+            requiring grad that ``fn`` captures from its scope instead).
         init: starting point: a tensor, a tuple of tensors, or an ``nn.Module`` (its parameters).
             Only :class:`Unrolled` differentiates with respect to an ``init`` that requires grad.
         hparams: the outer variables :math:`\\lambda`: a tensor, a tuple of tensors (possibly
             empty), or an ``nn.Module``.
-        steps: maximum number of inner updates ``T``.
-        lr: inner step size.
+        steps: maximum number of inner updates ``T``; ``0`` takes ``init`` as the solution
+            (see also :func:`argmin` for a solution computed elsewhere).
+        lr: inner step size: a positive number, or a scalar tensor. Under :class:`Unrolled`
+            and :class:`Truncated` a tensor that requires grad gets its hypergradient (as do
+            tensor ``momentum``/``betas`` in ``optimizer_options``); :class:`Implicit` raises
+            for it, since the optimum does not depend on the step size.
         optimizer: ``"gd"``, ``"sgd"`` (momentum), ``"adam"``, or a ``torch.optim.Optimizer``
             subclass (with :class:`Implicit` only, as its in-place updates are not
-            differentiable).
+            differentiable); each step gets a closure, so ``torch.optim.LBFGS`` works.
         backward: :class:`Implicit` (default), :class:`Unrolled` or :class:`Truncated`.
         tol: stop once :math:`\\|\\nabla_w f\\| \\le` ``tol``. With :class:`Truncated` it ends
             the undifferentiated phase early; the last ``k`` steps always run.
@@ -227,10 +364,13 @@ def minimize(
         NotConvergedWarning: with :class:`Implicit`, when the inner gradient norm at the returned
             point exceeds ``tol`` (or ``Implicit.stationarity_tol`` when ``tol`` is None), and
             when the backward linear solve misses its tolerance.
+        CapturedTensorWarning: with :class:`Implicit`, when ``fn`` reads tensors that require
+            grad from its closure, globals or bound module instead of ``hparams``.
 
     Raises:
         TypeError: for containers or strategies of the wrong type.
-        ValueError: for non-positive ``steps``/``lr``, unknown optimizers, ``Truncated(k)`` with
+        ValueError: for negative ``steps``, non-positive ``lr``, a learnable ``lr`` with
+            :class:`Implicit`, unknown optimizers, ``Truncated(k)`` with
             ``k > steps``, a torch optimizer with a non-implicit strategy, a non-scalar ``fn``
             or one that ignores some of ``w``.
 
@@ -252,16 +392,21 @@ def minimize(
         >>> info.converged, info.linear_solve.converged, lam.grad.shape
         (True, True, torch.Size([]))
     """
-    torch_optimizer = _check_args(steps, lr, tol, backward, optimizer)
+    torch_optimizer = _check_args(steps, tol, backward, optimizer)
     options = dict(optimizer_options or {})
+    lr = _check_lr(lr, backward, options)
     w0, w_structure = flatten(init, "init")
     h, h_structure = flatten(hparams, "hparams")
+    if isinstance(backward, Implicit):
+        warn_captured(fn, h, "fn")
     obj = _Objective(fn, w_structure, h_structure)
 
     if torch_optimizer is not None:
-        w, taken = _iterate_torch_optimizer(obj, w0, h, torch_optimizer, lr, options, steps, tol)
+        w, taken = _iterate_torch_optimizer(
+            obj, w0, h, torch_optimizer, float(lr), options, steps, tol
+        )
     else:
-        opt = optimizers.make(optimizer, float(lr), options)  # type: ignore[arg-type]
+        opt = optimizers.make(optimizer, lr, options)  # type: ignore[arg-type]
         if isinstance(backward, Unrolled):
             w, _, taken = _iterate(
                 obj, w0, h, opt, opt.init(w0), steps, tol,
@@ -279,26 +424,11 @@ def minimize(
                 )
                 taken += backward.k
 
-    grad_norm = _norm(obj.detached_grad(w, h))
     if isinstance(backward, Implicit):
-        threshold = backward.stationarity_tol if tol is None else tol
-        converged: bool | None = grad_norm <= threshold
+        w, diagnostics = _implicit(obj, w, h, backward, taken, tol)
     else:
+        grad_norm = _norm(obj.detached_grad(w, h))
         converged = None if tol is None else grad_norm <= tol
-    diagnostics = Diagnostics(backward, taken, grad_norm, converged)
-
-    if isinstance(backward, Implicit):
-        if not converged:
-            warnings.warn(
-                NotConvergedWarning(
-                    f"the inner problem is not converged: ||grad_w f|| = {grad_norm:.2e} > "
-                    f"{threshold:.0e} after {taken} steps, and the implicit hypergradient is "
-                    f"exact only at the optimum. Raise steps, tune lr, or use Unrolled() / "
-                    f"Truncated(k) to differentiate the iterates actually computed."
-                ),
-                stacklevel=2,
-            )
-        spec = _Spec(fn, w_structure, h_structure, len(w), backward, diagnostics)
-        w = ImplicitSolution.apply(spec, *w, *h)
+        diagnostics = Diagnostics(backward, taken, grad_norm, converged)
     w_star = w_structure.build(w)
     return (w_star, diagnostics) if return_diagnostics else w_star

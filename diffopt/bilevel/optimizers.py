@@ -3,7 +3,8 @@
 ``torch.optim`` updates parameters in place under ``no_grad``, so an unrolled hypergradient cannot
 flow through them. The optimizers here return *new* tensors computed by ordinary torch operations:
 when the gradients they receive carry a graph (``create_graph=True``), the update is
-differentiable with respect to everything that produced them. The same code runs the detached
+differentiable with respect to everything that produced them, and with respect to ``lr`` (and
+``momentum``) when those are tensors that require grad. The same code runs the detached
 phase of :class:`~diffopt.bilevel.Truncated` and the inner loop of
 :class:`~diffopt.bilevel.Implicit`, so all strategies follow the same iterates.
 """
@@ -30,7 +31,7 @@ class GD:
         1.0
     """
 
-    lr: float
+    lr: float | torch.Tensor
 
     def init(self, params: Leaves) -> State:
         """Optimizer state for ``params`` (none for plain gradient descent)."""
@@ -61,8 +62,8 @@ class SGD:
         0.71
     """
 
-    lr: float
-    momentum: float = 0.0
+    lr: float | torch.Tensor
+    momentum: float | torch.Tensor = 0.0
     nesterov: bool = False
 
     def init(self, params: Leaves) -> State:
@@ -102,7 +103,7 @@ class Adam:
         0.9
     """
 
-    lr: float
+    lr: float | torch.Tensor
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -132,7 +133,7 @@ Optimizer = GD | SGD | Adam
 _BY_NAME: dict[str, type[GD] | type[SGD] | type[Adam]] = {"gd": GD, "sgd": SGD, "adam": Adam}
 
 
-def make(name: str, lr: float, options: dict[str, object]) -> Optimizer:
+def make(name: str, lr: float | torch.Tensor, options: dict[str, object]) -> Optimizer:
     """Build the functional optimizer called ``name`` (``"gd"``, ``"sgd"`` or ``"adam"``).
 
     Raises:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffopt.bilevel.linear_solve import LinearSolveInfo
+from diffopt.bilevel.linear_solve import LinearSolveInfo, WarmStart
 
 SOLVERS = ("cg", "neumann", "direct")
 
@@ -62,11 +62,17 @@ class Implicit:
         solver: ``"cg"`` (conjugate gradients; the default, needs a positive-definite Hessian),
             ``"neumann"`` (Neumann series / Richardson iteration) or ``"direct"`` (assemble the
             Hessian with ``n`` products and factor it; small problems only).
-        maxiter: maximum Hessian-vector products for ``"cg"`` and ``"neumann"``.
+        maxiter: maximum Hessian-vector products for ``"cg"`` and ``"neumann"``; ``None``
+            picks 100 for ``"cg"`` (enough for a few hundred well-spread eigenvalues) and 10000
+            for ``"neumann"``, whose linear rate :math:`1 - \\lambda_{\\min}/\\lambda_{\\max}`
+            needs about :math:`\\kappa\\log(1/tol)` products. Both stop as soon as ``tol`` is
+            reached and warn when they do not reach it.
         tol: relative residual :math:`\\|Hu - v\\|/\\|v\\|` at which the solve stops.
         alpha: step size of the Neumann series; ``None`` estimates :math:`1/\\lambda_{\\max}(H)`.
         stationarity_tol: when :func:`minimize` gets ``tol=None``, the inner gradient norm above
             which a :class:`NotConvergedWarning` is emitted.
+        warm_start: a :class:`~diffopt.bilevel.linear_solve.WarmStart` shared across outer
+            steps: ``"cg"`` and ``"neumann"`` start from the previous solve's solution.
 
     Examples:
         >>> Implicit(solver="neumann", maxiter=500).solver
@@ -74,23 +80,30 @@ class Implicit:
     """
 
     solver: str = "cg"
-    maxiter: int = 100
+    maxiter: int | None = None
     tol: float = 1e-10
     alpha: float | None = None
     stationarity_tol: float = 1e-5
+    warm_start: WarmStart | None = None
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(
                 f"Implicit(solver=...) must be one of {list(SOLVERS)}; received {self.solver!r}."
             )
-        if self.maxiter < 1:
+        if self.maxiter is not None and self.maxiter < 1:
             raise ValueError(f"Implicit(maxiter=...) must be at least 1; received {self.maxiter}.")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError(
                 f"Implicit(alpha=...) is the Neumann step size and must be positive; received "
                 f"{self.alpha}. Leave it as None to estimate 1/lambda_max(H)."
             )
+
+    def iterations(self) -> int:
+        """The product budget: ``maxiter``, or the solver's default when it is ``None``."""
+        if self.maxiter is not None:
+            return self.maxiter
+        return 10_000 if self.solver == "neumann" else 100
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax copied into _static/mathjax, so maths renders without a network (no CDN)
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "sphinx_gallery.gen_gallery",
 ]
@@ -63,10 +65,6 @@ html_theme_options = {
 }
 pygments_style = "sphinx"
 pygments_dark_style = "monokai"
-
-# MathJax is loaded from its CDN by the reader's browser; nothing is fetched at build time.
-# For offline reading, point it at a local copy, e.g.
-#   -D mathjax_path=file:///usr/share/javascript/mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML
 
 
 # -- Example gallery (sphinx-gallery) ----------------------------------------------------------

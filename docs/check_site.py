@@ -14,7 +14,8 @@ Checks that:
   thumbnail in the gallery index is not the placeholder;
 * no example output block holds progress-bar frames.
 
-Prints one line per problem and exits with status 1 if there is any.
+Prints one line per problem and exits with status 1 if there is any; prints nothing
+when the site is fine.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def main(argv: list[str]) -> int:
     problems = check(Path(argv[0]))
     for line in problems:
         print(line)
-    print(f"{len(problems)} problem(s) in {argv[0]}")
+    if problems:                                 # silent when fine, as CI's other steps
+        print(f"{len(problems)} problem(s) in {argv[0]}")
     return 1 if problems else 0
 
 

@@ -72,16 +72,17 @@ def train(method: str, layer, X, C, Xte, Cte, epochs: int, batch: int, lr: float
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--assets", type=int, default=8)
-    ap.add_argument("--features", type=int, default=5)
-    ap.add_argument("--train", type=int, default=400)
-    ap.add_argument("--test", type=int, default=400)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--assets", type=int, default=8, help="assets (QP variables)")
+    ap.add_argument("--features", type=int, default=5, help="features per sample")
+    ap.add_argument("--train", type=int, default=400, help="training samples")
+    ap.add_argument("--test", type=int, default=400, help="test samples")
+    ap.add_argument("--epochs", type=int, default=10, help="training epochs")
+    ap.add_argument("--batch", type=int, default=32, help="samples per Adam step")
+    ap.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
     ap.add_argument("--gamma", type=float, default=1.0, help="quadratic smoothing of the decision")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed")
     ap.add_argument("--json", help="write the results to this JSON file")
     ap.add_argument("--plot", help="write learning curves to this PNG file")
     args = ap.parse_args(argv)

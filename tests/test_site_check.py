@@ -36,8 +36,8 @@ def site(tmp_path: Path, pages: dict[str, str]) -> Path:
                       '<a href="https://example.org/">out</a></body></html>',
         "api.html": '<html><body><dt id="diffopt.CvxpyLayer">CvxpyLayer</dt>'
                     '<a href="index.html#top">up</a></body></html>',
-        "auto_examples/index.html": '<html><body>'
-                                    '<img src="../_images/sphx_glr_plot_a_thumb.png"/></body></html>',
+        "auto_examples/index.html":
+            '<html><body><img src="../_images/sphx_glr_plot_a_thumb.png"/></body></html>',
         "auto_examples/plot_a.html": '<html><body><img src="../_images/sphx_glr_plot_a_001.png"/>'
                                      + OUT.format("loss 0.1\ndone") + '</body></html>',
     }

@@ -81,18 +81,25 @@ def test_each_fault_is_reported(tmp_path, pages, expected):
 
 
 def commands(script: str) -> list[list[str]]:
-    """The commands of a shell text, split at ``&&``, ``||`` and line ends, each as its words
-    up to its first redirection."""
+    """The commands of a shell text, split at ``&&``, ``||``, ``;``, ``|`` and line ends, each as
+    its words up to its first redirection."""
     out = []
     for line in script.splitlines():
-        for part in re.split(r"&&|\|\|", line):
-            words = shlex.split(part, comments=True)
-            for i, word in enumerate(words):
-                if re.match(r"\d?>", word):
-                    words = words[:i]
-                    break
-            if words:
-                out.append(words)
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words: list[str] = []
+        redirected = False
+        for token in [*lexer, ";"]:
+            if token in ("&&", "||", ";", "|", "{", "}"):
+                if words:
+                    out.append(words)
+                words, redirected = [], False
+            elif token.startswith((">", "<")):
+                if words and words[-1].isdigit():      # the 2 of 2>file
+                    words.pop()
+                redirected = True
+            elif not redirected:
+                words.append(token)
     return out
 
 

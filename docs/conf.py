@@ -8,7 +8,9 @@ Build (from the repository root, warnings are errors)::
 from __future__ import annotations
 
 import filecmp
+import importlib
 import os
+import re
 import shutil
 import sys
 
@@ -27,6 +29,8 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax copied into _static/mathjax, so maths renders without a network (no CDN)
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "sphinx_gallery.gen_gallery",
 ]
@@ -64,10 +68,6 @@ html_theme_options = {
 pygments_style = "sphinx"
 pygments_dark_style = "monokai"
 
-# MathJax is loaded from its CDN by the reader's browser; nothing is fetched at build time.
-# For offline reading, point it at a local copy, e.g.
-#   -D mathjax_path=file:///usr/share/javascript/mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML
-
 
 # -- Example gallery (sphinx-gallery) ----------------------------------------------------------
 # The fast examples, ``examples/plot_*.py``, are executed at every build and their figures rendered
@@ -97,7 +97,8 @@ sphinx_gallery_conf = {
     "abort_on_example_error": True,  # a failing example fails the build
     "show_memory": False,
     "min_reported_time": 0,
-    "write_computation_times": True,
+    # its page loads jQuery and DataTables from CDNs: nothing may need a network
+    "write_computation_times": False,
     "remove_config_comments": True,
 }
 
@@ -122,5 +123,59 @@ def _resolve_public_name(app, env, node, contnode):
     return None
 
 
+# -- "[docs]" links of the highlighted source ---------------------------------------------------
+# viewcode builds each "[docs]" back-link of a module's source page from the module name under
+# which that module's *first* documented object appeared: with ``diffopt.SolveInfo`` documented
+# before ``diffopt.solve.cone_solve``, every link of solve.py points at ``api.html#diffopt.<name>``,
+# which exists only for the re-exported names. Point each dead one at its object's real anchor.
+_BACKLINK = re.compile(r'(<div class="viewcode-block" id="([^"]+)">\n<a class="viewcode-back" '
+                       r'href=")([^"#]*)#([^"]*)(")')
+
+
+def _lookup(dotted: str):
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def _fix_viewcode_backlinks(app, exc):
+    if exc is not None or app.builder.format != "html":
+        return
+    objects = app.env.get_domain("py").objects
+    anchors = {(entry.docname, entry.node_id) for entry in objects.values()}
+    out = app.outdir
+    for page in (out / "_modules").rglob("*.html"):
+        module = ".".join(page.relative_to(out / "_modules").with_suffix("").parts)
+        html = page.read_text(encoding="utf-8")
+
+        def fix(m, module=module, page=page):
+            name, href, anchor = m.group(2), m.group(3), m.group(4)
+            docname = os.path.relpath(os.path.normpath(page.parent / href), out)[:-len(".html")]
+            if (docname, anchor) in anchors:
+                return m.group(0)
+            target = _lookup(f"{module}.{name}")
+            for key in [f"{module}.{name}"] + [k for k in objects if k.endswith("." + name)]:
+                entry = objects.get(key)
+                if entry is not None and target is not None and _lookup(key) is target:
+                    url = os.path.relpath(out / f"{entry.docname}.html", page.parent)
+                    return f"{m.group(1)}{url}#{entry.node_id}{m.group(5)}"
+            return m.group(0)                    # left for docs/check_site.py to report
+
+        fixed = _BACKLINK.sub(fix, html)
+        if fixed != html:
+            page.write_text(fixed, encoding="utf-8")
+
+
 def setup(app):
     app.connect("missing-reference", _resolve_public_name)
+    app.connect("build-finished", _fix_viewcode_backlinks)

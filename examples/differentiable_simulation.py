@@ -108,9 +108,10 @@ def initial_state(sim, n_scenes):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--steps", type=int, default=60, help="time steps of the rollout")
-    ap.add_argument("--dt", type=float, default=0.025)
+    ap.add_argument("--dt", type=float, default=0.025, help="time step (s)")
     ap.add_argument("--iters", type=int, default=40, help="gradient steps on v0")
     ap.add_argument("--lr", type=float, default=0.05, help="Adam step (cosine-annealed)")
     ap.add_argument("--targets", type=float, nargs="+", default=[3.8, 4.2],

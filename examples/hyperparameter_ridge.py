@@ -25,9 +25,12 @@ minute on two cores and write ``hyperparameter_ridge.png`` and (with ``--json``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -113,10 +116,33 @@ class Problem:
         return eta.grad, converged
 
 
+@contextlib.contextmanager
+def _stderr_fd_silenced():
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side prints a ``USDT: ...
+    profiler_start/stop`` line at each start and stop, with no switch to turn them off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_allocated_bytes(run: Callable[[], object]) -> int:
     """Peak of (bytes allocated - bytes freed) by torch's CPU allocator while ``run`` executes."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    # only the profiler's start and stop are silenced: what ``run`` writes still shows
+    with _stderr_fd_silenced():
+        prof.start()
+    try:
         run()
+    finally:
+        with _stderr_fd_silenced():
+            prof.stop()
     events = sorted(
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()
@@ -169,19 +195,22 @@ def learn(problem: Problem, eta0: torch.Tensor, grad_fn: Callable[[torch.Tensor]
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n")[0]
+        + " Measures hypergradient error, peak memory, time and learned-penalty losses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--Ts", default="10,100,1000", help="inner step counts T (comma-separated)")
     parser.add_argument("--ks", default="1,10,100", help="Truncated k values (k <= T are used)")
     parser.add_argument("--outer-steps", type=int, default=40, help="Adam steps on the penalties")
-    parser.add_argument("--outer-lr", type=float, default=0.1)
+    parser.add_argument("--outer-lr", type=float, default=0.1, help="Adam learning rate")
     parser.add_argument("--n-train", type=int, default=50, help="training samples (rest: val/test)")
-    parser.add_argument("--n-val", type=int, default=150)
+    parser.add_argument("--n-val", type=int, default=150, help="validation samples")
     parser.add_argument("--log-lambda0", type=float, default=-2.0, help="initial log-penalty")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--plot", "--figure", dest="figure", default="hyperparameter_ridge.png")
+    parser.add_argument("--plot", "--figure", dest="figure", default="hyperparameter_ridge.png",
+                        help="figure (PNG); '' to skip")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args()
 
@@ -234,8 +263,9 @@ def main() -> None:
     lam0 = math.exp(args.log_lambda0)
     print(f"initial (lambda = {lam0:g} for every feature): val {ridge_val:.4f}")
 
-    plot(rows, curves, Ts, args.figure)
-    print(f"figure written to {args.figure}")
+    if args.figure:
+        plot(rows, curves, Ts, args.figure)
+        print(f"figure written to {args.figure}")
     if args.json:
         result = {
             "args": vars(args),

@@ -189,7 +189,7 @@ def sklearn_gap(data: Data, tuner: Tuner, alpha: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--penalty", choices=["scalar", "groups", "both"], default="both",
                         help="learn one penalty, one per feature group, or both runs")
@@ -203,11 +203,12 @@ def main() -> None:
     parser.add_argument("--alpha0", type=float, default=0.3,
                         help="initial penalty as a fraction of alpha_max (w* = 0 above it)")
     parser.add_argument("--outer-steps", type=int, default=100, help="Adam steps on log(alpha)")
-    parser.add_argument("--outer-lr", type=float, default=0.1)
+    parser.add_argument("--outer-lr", type=float, default=0.1, help="Adam learning rate")
     parser.add_argument("--tol", type=float, default=1e-10, help="Clarabel tolerance")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--plot", "--figure", dest="figure", default="lasso_hyperparameter.png")
+    parser.add_argument("--plot", "--figure", dest="figure", default="lasso_hyperparameter.png",
+                        help="figure (PNG)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args()
 

@@ -114,12 +114,14 @@ def summary(losses: list[float]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--methods", default="maml,fomaml,imaml")
-    parser.add_argument("--meta-iters", type=int, default=600)
-    parser.add_argument("--meta-batch", type=int, default=5)
-    parser.add_argument("--meta-lr", type=float, default=1e-3)
+    parser.add_argument("--methods", default="maml,fomaml,imaml",
+                        help="comma-separated, from maml, fomaml, imaml")
+    parser.add_argument("--meta-iters", type=int, default=600, help="meta-training iterations")
+    parser.add_argument("--meta-batch", type=int, default=5, help="tasks per meta-iteration")
+    parser.add_argument("--meta-lr", type=float, default=1e-3, help="Adam meta learning rate")
     parser.add_argument("--shots", type=int, default=10, help="support points per task (K)")
     parser.add_argument("--queries", type=int, default=10, help="query points per task")
     parser.add_argument("--inner-lr", type=float, default=0.01, help="MAML/FOMAML step size")
@@ -128,10 +130,11 @@ def main() -> None:
     parser.add_argument("--imaml-lr", type=float, default=0.02, help="iMAML inner step size")
     parser.add_argument("--imaml-steps", type=int, default=5, help="iMAML inner steps")
     parser.add_argument("--cg-steps", type=int, default=5, help="iMAML conjugate-gradient steps")
-    parser.add_argument("--test-tasks", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-tasks", type=int, default=200, help="held-out tasks to evaluate")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--plot", "--figure", dest="figure", default="maml_sine.png")
+    parser.add_argument("--plot", "--figure", dest="figure", default="maml_sine.png",
+                        help="figure (PNG)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args()
 

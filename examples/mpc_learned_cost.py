@@ -99,18 +99,19 @@ def initial_states(n, seed):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--horizon", type=int, default=10)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--horizon", type=int, default=10, help="MPC horizon (steps)")
     ap.add_argument("--steps", type=int, default=20, help="closed-loop time steps")
-    ap.add_argument("--dt", type=float, default=0.2)
-    ap.add_argument("--u-max", type=float, default=1.0)
+    ap.add_argument("--dt", type=float, default=0.2, help="time step (s)")
+    ap.add_argument("--u-max", type=float, default=1.0, help="bound on each control")
     ap.add_argument("--train", type=int, default=8, help="initial states for training")
     ap.add_argument("--test", type=int, default=16, help="held-out initial states")
-    ap.add_argument("--iters", type=int, default=120)
-    ap.add_argument("--lr", type=float, default=0.15)
+    ap.add_argument("--iters", type=int, default=120, help="Adam steps on the cost weights")
+    ap.add_argument("--lr", type=float, default=0.15, help="Adam learning rate")
     ap.add_argument("--expert", type=float, nargs=6, default=[10.0, 1.0, 0.5, 2.0, 0.2, 1.0],
                     metavar=tuple(NAMES), help="expert's diagonal Q (4) and R (2)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="random seed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", help="write the numbers to this JSON file")
     ap.add_argument("--plot", default="mpc_learned_cost.png", help="figure (PNG); '' to skip")

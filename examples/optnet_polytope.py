@@ -75,16 +75,17 @@ def iou(G1, h1, G2, h2, lim=2.5, n=300) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--true-edges", type=int, default=5, help="edges of the unknown polygon")
     ap.add_argument("--m", type=int, default=8, help="learned constraints (rows of G)")
-    ap.add_argument("--train", type=int, default=1024)
-    ap.add_argument("--test", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.03)
-    ap.add_argument("--init-radius", type=float, default=1.6)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", type=int, default=1024, help="training points")
+    ap.add_argument("--test", type=int, default=512, help="test points")
+    ap.add_argument("--steps", type=int, default=250, help="Adam steps")
+    ap.add_argument("--batch", type=int, default=128, help="points per Adam step")
+    ap.add_argument("--lr", type=float, default=0.03, help="Adam learning rate")
+    ap.add_argument("--init-radius", type=float, default=1.6, help="radius of the initial polygon")
+    ap.add_argument("--seed", type=int, default=0, help="random seed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", help="write the numbers to this JSON file")
     ap.add_argument("--plot", default="optnet_polytope.png", help="figure (PNG); '' to skip")

@@ -106,19 +106,20 @@ def train(method, layer, X, R, Xte, Rte, mute, L_t, w_orc, epochs, batch, lr, se
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--assets", type=int, default=12)
-    ap.add_argument("--features", type=int, default=5)
-    ap.add_argument("--factors", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--assets", type=int, default=12, help="assets")
+    ap.add_argument("--features", type=int, default=5, help="features per sample")
+    ap.add_argument("--factors", type=int, default=3, help="risk factors")
     ap.add_argument("--degree", type=int, default=4, help="nonlinearity of E[r | x] (1: linear)")
     ap.add_argument("--risk", type=float, default=1.5,
                     help="σ as a multiple of the minimum achievable portfolio std")
-    ap.add_argument("--train", type=int, default=400)
-    ap.add_argument("--test", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.02)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--train", type=int, default=400, help="training samples")
+    ap.add_argument("--test", type=int, default=1000, help="test samples")
+    ap.add_argument("--epochs", type=int, default=12, help="training epochs")
+    ap.add_argument("--batch", type=int, default=32, help="samples per Adam step")
+    ap.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", help="write the numbers to this JSON file")
     ap.add_argument("--plot", default="portfolio_socp.png", help="figure (PNG); '' to skip")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import cvxpy as cp
@@ -126,7 +127,8 @@ def learning_rate(method: str, args) -> float | None:
     return args.lr if args.lr is not None else LEARNING_RATES[method]
 
 
-def train_one(method, layer, Xtr, Ctr, Wtr, Ztr, Xte, Cte, Zte, args, seed) -> tuple[float, float]:
+def train_one(method, layer, Xtr, Ctr, Wtr, Ztr, Xte, Cte, Zte, args, seed,
+              deg) -> tuple[float, float]:
     torch.manual_seed(seed)
     model = torch.nn.Linear(Xtr.shape[1], Ctr.shape[1]).double()
 
@@ -144,7 +146,7 @@ def train_one(method, layer, Xtr, Ctr, Wtr, Ztr, Xte, Cte, Zte, args, seed) -> t
             model.bias.copy_(sol[-1])
     epochs = 0 if method == "two-stage-ls" else args.epochs
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate(method, args)) if epochs else None
-    bar = tqdm(range(epochs), desc=f"{method:>12} deg={args.deg} seed={seed}", leave=False)
+    bar = tqdm(range(epochs), desc=f"{method:>12} deg={deg} seed={seed}", leave=False)
     for _ in bar:
         perm = torch.randperm(Xtr.shape[0])
         for i in range(0, Xtr.shape[0], args.batch):
@@ -170,23 +172,27 @@ def train_one(method, layer, Xtr, Ctr, Wtr, Ztr, Xte, Cte, Zte, args, seed) -> t
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--degrees", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--degrees", type=int, nargs="+", default=[1, 4],
+                    help="polynomial degree of the true cost in the features (1: linear, a "
+                         "linear model is well specified; higher: misspecified)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                    help="training methods to compare")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="one run per seed s: PyEPO's genData(..., seed=s) and "
                          "train_test_split(..., random_state=s); s also seeds the model's init")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--train", type=int, default=1000)
-    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=10, help="training epochs per run")
+    ap.add_argument("--train", type=int, default=1000, help="training points n")
+    ap.add_argument("--test", type=int, default=1000, help="test points")
     ap.add_argument("--validation", type=int, default=0,
                     help="hold out the last K training points and report the regret on them "
                          "instead of the test set (for tuning hyperparameters)")
     ap.add_argument("--noise", type=float, default=0.5, help="ε̄: multiplicative noise half-width")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32, help="training points per Adam step")
     ap.add_argument("--lr", type=float, default=None,
-                    help="Adam's learning rate for every method (default: each method's own, "
-                         "chosen on validation data; see LEARNING_RATES)")
+                    help="Adam's learning rate for every method; None: each method's own, "
+                         "chosen on validation data (see LEARNING_RATES)")
     ap.add_argument("--gamma", type=float, default=1.0,
                     help="QPTL smoothing: QuadraticSmoothing(γ) adds γ/2‖x‖²")
     ap.add_argument("--mu", type=float, default=0.1, help="log-barrier parameter")
@@ -194,13 +200,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--sigma", type=float, default=1.0, help="PFYL perturbation")
     ap.add_argument("--samples", type=int, default=1, help="PFYL samples per item")
     ap.add_argument("--max-iters", type=int, default=None,
-                    help="iteration limit of the native solver (default: its own, 100); small "
-                         "--gamma can need more")
+                    help="iteration limit of the native solver; None: its own, 100 (small "
+                         "--gamma can need more)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (a linear model and 32 small LPs per step: one is "
                          "fastest)")
-    ap.add_argument("--json", help="write the results to this JSON file")
-    ap.add_argument("--plot", help="write a bar chart of the regrets to this PNG file")
+    ap.add_argument("--json", help="write the results to this JSON file (folders are created)")
+    ap.add_argument("--plot",
+                    help="write a bar chart of the regrets to this PNG file (folders are created)")
     args = ap.parse_args(argv)
     if not 0 <= args.validation < args.train:
         ap.error(f"--validation must be in [0, --train) = [0, {args.train}), received "
@@ -218,7 +225,6 @@ def _run(args) -> dict:
                                 else {"max_iters": args.max_iters})
     results: dict = {m: {} for m in args.methods}
     for deg in args.degrees:
-        args.deg = deg
         for seed in args.seeds:
             X, C = generate(args.train + args.test, deg, args.noise, 5, 40, seed)
             with torch.no_grad():
@@ -229,15 +235,17 @@ def _run(args) -> dict:
                 tr, te = tr[:-args.validation], tr[-args.validation:]
             for m in args.methods:
                 nreg, secs = train_one(m, layer, X[tr], C[tr], W[tr], Z[tr], X[te], C[te], Z[te],
-                                       args, seed)
+                                       args, seed, deg)
                 results[m].setdefault(deg, []).append({"regret": nreg, "seconds": secs})
                 tqdm.write(f"{m:>12} deg={deg} seed={seed}: normalized regret "
                            f"{100 * nreg:.2f}%  ({secs:.1f} s)")
 
     scored = f"validation ({args.validation} held-out training points)" if args.validation \
         else "test"
-    print(f"\nNormalized {scored} regret (%), mean ± std over seeds {args.seeds}, "
-          f"{args.epochs} epochs, n={args.train}, noise={args.noise}")
+    spread = f"mean ± std over seeds {args.seeds}" if len(args.seeds) > 1 else \
+        f"one seed ({args.seeds[0]})"
+    print(f"\nNormalized {scored} regret (%), {spread}, "
+          f"{plural(args.epochs, 'epoch')}, n={args.train}, noise={args.noise}")
     print(f"{'method':>12} | " + " | ".join(f"{'deg ' + str(d):>13}" for d in args.degrees)
           + " | s/run")
     table = {}
@@ -246,36 +254,56 @@ def _run(args) -> dict:
         for d in args.degrees:
             r = np.array([100 * e["regret"] for e in results[m][d]])
             secs += [e["seconds"] for e in results[m][d]]
-            cells.append(f"{r.mean():6.2f} ± {r.std():4.2f}")
+            cells.append(f"{r.mean():6.2f} ± {r.std():4.2f}" if len(r) > 1 else f"{r.mean():6.2f}")
             table.setdefault(m, {})[d] = {"mean": float(r.mean()), "std": float(r.std()),
                                           "lr": learning_rate(m, args), "runs": results[m][d]}
         print(f"{m:>12} | " + " | ".join(f"{c:>13}" for c in cells) + f" | {np.mean(secs):5.1f}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "normalized_regret_percent": table}, f, indent=2)
     if args.plot:
-        plot(table, args.methods, args.degrees, args.plot)
+        plot(table, args, args.plot)
     return table
 
 
-def plot(table, methods, degrees, path) -> None:
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def plot(table, args, path) -> None:
+    """Grouped bars of mean normalized regret per method and degree (lower is better); error bars
+    (one standard deviation over seeds) only when there are several seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(degrees), 3.6))
+    methods, degrees = args.methods, args.degrees
+    seeds = len(args.seeds)
+    fig, ax = plt.subplots(figsize=(3.2 + 2.0 * len(degrees), 5.0))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         pos = np.arange(len(degrees)) + (i - (len(methods) - 1) / 2) * width
-        ax.bar(pos, [table[m][d]["mean"] for d in degrees], width,
-               yerr=[table[m][d]["std"] for d in degrees], label=m, capsize=2)
+        ax.bar(pos, [table[m][d]["mean"] for d in degrees], width, label=m,
+               yerr=[table[m][d]["std"] for d in degrees] if seeds > 1 else None, capsize=2)
     ax.set_xticks(np.arange(len(degrees)), [f"deg {d}" for d in degrees])
-    ax.set_ylabel("normalized regret (%)")
-    ax.set_title("Shortest path 5x5: test regret by method")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_xlabel("deg: polynomial degree of the true costs in the features\n"
+                  "(deg 1: a linear model is well specified)")
+    scored = "validation" if args.validation else "test"
+    ax.set_ylabel(f"normalized {scored} regret (%) — lower is better")
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed, no error bars"
+    ax.set_title(f"Shortest path on a 5×5 grid: {scored} regret by training method\n"
+                 f"n = {args.train} training points, {plural(args.epochs, 'epoch')}, "
+                 f"noise ε̄ = {args.noise}, {spread}", fontsize=10)
+    ax.grid(axis="y", color="0.9", zorder=0)
+    ax.set_axisbelow(True)
+    # the legend beside the axes, so it covers no bar
+    ax.legend(fontsize=9, title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -115,14 +115,19 @@ def test_shortest_path_main_job(tmp_path):
     sp = load("shortest_path")
     common = ["--degrees", "2", "--epochs", "2", "--train", "96", "--test", "64",
               "--methods", "two-stage-ls", "spo+", "log-barrier"]
-    table = sp.main([*common, "--json", str(tmp_path / "r.json"),
-                     "--plot", str(tmp_path / "r.png")])
-    saved = json.loads((tmp_path / "r.json").read_text())["normalized_regret_percent"]
+    out = tmp_path / "results"                 # not there yet: the script creates it
+    table = sp.main([*common, "--json", str(out / "r.json"), "--plot", str(out / "r.png")])
+    written = json.loads((out / "r.json").read_text())
+    # the command-line options and nothing else (no per-loop "deg")
+    assert set(written["args"]) == {
+        "degrees", "methods", "seeds", "epochs", "train", "test", "validation", "noise", "batch",
+        "lr", "gamma", "mu", "tau", "sigma", "samples", "max_iters", "threads", "json", "plot"}
+    saved = written["normalized_regret_percent"]
     for method in ("two-stage-ls", "spo+", "log-barrier"):
         mean = table[method][2]["mean"]
         assert finite(mean) and 0.0 <= mean < 100.0
         assert saved[method]["2"]["mean"] == mean
-    assert (tmp_path / "r.png").stat().st_size > 0
+    assert (out / "r.png").stat().st_size > 0
     # each method trains with its own learning rate, unless --lr sets one for all
     assert saved["spo+"]["2"]["lr"] == sp.LEARNING_RATES["spo+"]
     assert saved["log-barrier"]["2"]["lr"] == sp.LEARNING_RATES["log-barrier"]

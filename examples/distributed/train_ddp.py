@@ -109,19 +109,20 @@ def batches(samplers, loaders, steps: int):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="where rank 0 saves the final parameters (.pt)")
     ap.add_argument("--single", action="store_true",
                     help="one process, full batch = the --world-size shards concatenated")
     ap.add_argument("--world-size", type=int, default=2,
                     help="number of shards to emulate with --single (torchrun sets it otherwise)")
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps")
-    ap.add_argument("--batch-per-rank", type=int, default=8)
+    ap.add_argument("--batch-per-rank", type=int, default=8, help="samples per rank and step")
     ap.add_argument("--samples", type=int, default=64, help="training set size")
     ap.add_argument("--options", type=int, default=6, help="size of the decision (QP variable)")
-    ap.add_argument("--features", type=int, default=4)
+    ap.add_argument("--features", type=int, default=4, help="features per sample")
     ap.add_argument("--gamma", type=float, default=0.5, help="quadratic smoothing of the decision")
-    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
     ap.add_argument("--seed", type=int, default=0, help="data, initialization and shuffling")
     ap.add_argument("--layer", choices=["cvxpy", "qp"], default="cvxpy",
                     help="CvxpyLayer or the same problem through QPLayer")

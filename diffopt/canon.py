@@ -190,7 +190,7 @@ def _check_problem(problem, parameters, variables) -> None:
     extra = [p.name() for p in parameters if p.id not in want]
     if missing or extra:
         raise ProblemError(
-            "`parameters` must list exactly the problem's parameters: "
+            "`parameters` must exactly match problem.parameters(): "
             + (f"missing {missing}" if missing else "")
             + ("; " if missing and extra else "")
             + (f"not in the problem {extra}" if extra else "")
@@ -205,8 +205,9 @@ def _check_problem(problem, parameters, variables) -> None:
     for v in variables:
         if not isinstance(v, cp.Variable) or (v.id not in var_ids and v.id not in dual_ids):
             raise ProblemError(
-                f"`variables` entry {v!r} is neither a variable of the problem nor a constraint's "
-                "dual variable (constraint.dual_variables[0]); list only those"
+                f"`variables` must be a subset of problem.variables() and constraint duals: entry "
+                f"{v!r} is neither a variable of the problem nor a constraint's dual variable "
+                "(constraint.dual_variables[0]); list only those"
             )
 
 

@@ -232,7 +232,8 @@ class CvxpyLayer(_InfoRecord, nn.Module):
         if len(params) != len(self.parameters_):
             names = [p.name() for p in self.parameters_]
             raise InputError(
-                f"expected {len(self.parameters_)} tensors (one per parameter {names}), "
+                "A tensor must be provided for each CVXPY parameter: expected "
+                f"{len(self.parameters_)} tensors (one per parameter {names}), "
                 f"received {len(params)}"
             )
         tensors = []
@@ -260,13 +261,14 @@ class CvxpyLayer(_InfoRecord, nn.Module):
             if val.ndim == len(shape) + 1 and tuple(val.shape[1:]) == shape:
                 sizes.add(int(val.shape[0]))
                 continue
-            raise InputError(
-                f"parameter {p.name()!r}: expected shape {shape} or (batch, *{shape}), "
-                f"received {tuple(val.shape)}"
+            what = "dimensionality" if val.ndim > len(shape) + 1 else "shape"
+            raise InputError(  # the words of cvxpylayers' messages, which user code may match
+                f"Invalid parameter {what} for {p.name()!r}: expected shape {shape} or "
+                f"(batch, *{shape}), received {tuple(val.shape)}"
             )
         if len(sizes) > 1:
             raise InputError(
-                f"inconsistent batch sizes {sorted(sizes)} across parameters; batched tensors "
+                f"Inconsistent batch sizes {sorted(sizes)} across parameters; batched tensors "
                 "must share the leading dimension (unbatched ones are broadcast)"
             )
         batched = bool(sizes)
@@ -491,7 +493,7 @@ class QPLayer(_InfoRecord, nn.Module):
                 )
             dtype = torch.promote_types(dtype, val.dtype)
         if len(sizes) > 1:
-            raise InputError(f"inconsistent batch sizes {sorted(sizes)} across arguments")
+            raise InputError(f"Inconsistent batch sizes {sorted(sizes)} across arguments")
         batched = bool(sizes)
         B = sizes.pop() if sizes else 1
         if B == 0:

@@ -102,7 +102,7 @@ def test_wrong_shape(simple):
 def test_inconsistent_batch_and_empty_batch(simple):
     prob, z, w, x = simple
     layer = CvxpyLayer(prob, [z, w], [x])
-    with pytest.raises(InputError, match=r"inconsistent batch sizes \[2, 5\]"):
+    with pytest.raises(InputError, match=r"Inconsistent batch sizes \[2, 5\]"):
         layer(torch.zeros(2, 3), torch.ones(5))
     with pytest.raises(InputError, match="batch size 0"):
         layer(torch.zeros(0, 3), torch.tensor(1.0))

@@ -281,7 +281,7 @@ def test_batched_empty_block_sets_the_batch_size_and_qpth_style_calls_work():
     # qpth's own test calls: p of shape (1, n), A = b = torch.DoubleTensor() with neq = 0
     e = torch.DoubleTensor()
     assert QPLayer()(P, q[:1], G, h, e, e).shape == (1, 4)
-    with pytest.raises(InputError, match=r"inconsistent batch sizes \[3, 5\]"):
+    with pytest.raises(InputError, match=r"Inconsistent batch sizes \[3, 5\]"):
         QPLayer()(P, q, G, h, torch.zeros(5, 0, 4), torch.zeros(5, 0))
 
 

@@ -164,7 +164,7 @@ def test_errors():
         layer(P, q, G, None)
     with pytest.raises(InputError, match=r"G: expected shape \(4, 5\) or \(batch, \*\(4, 5\)\)"):
         layer(P, q, G[:, :3], h)
-    with pytest.raises(InputError, match=r"inconsistent batch sizes \[3, 4\]"):
+    with pytest.raises(InputError, match=r"Inconsistent batch sizes \[3, 4\]"):
         layer(P, q, G, h.expand(3, 4))
     with pytest.raises(SolverError, match="NOT_FINITE: the item.s data"):
         layer(P, q, G, h * float("nan"))

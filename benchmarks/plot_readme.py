@@ -112,10 +112,12 @@ def _bars(ax, section: dict, series: list[tuple[str, str, str]], ratio: str,
 
 
 def figure(results: dict):
-    """Both tables' total times as bars, one panel per benchmark. Returns the figure."""
+    """Both tables' total times as bars, one panel per benchmark, the first above the
+    second. Returns the figure."""
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 6.0))
+    # one above the other, so that each keeps its size at the docs' page width
+    fig, (left, right) = plt.subplots(2, 1, figsize=(8.0, 11.0), height_ratios=(6, 9))
     _bars(left, results["layers"],
           [("diffopt_ms", "diffopt CvxpyLayer", "C0"),
            ("cvxpylayers_ms", "cvxpylayers", "C1")], "total_x",
@@ -124,8 +126,8 @@ def figure(results: dict):
           [("diffopt_ms", "diffopt CvxpyLayer", "C0"), ("qplayer_ms", "diffopt QPLayer", "C2"),
            ("cvxpylayers_ms", "cvxpylayers", "C1"), ("moreau_ms", "Moreau", "C3")],
           "x_cvxpylayers", "Native LP/QP solver (1 thread; lat*: batch of 1)")
-    fig.suptitle("benchmarks/README.md's timing tables (float64, 2-core x86_64 VM, "
-                 "median of 5 runs)", fontsize=10)
+    fig.suptitle("benchmarks/README.md's timing tables\n(float64, 2-core x86_64 VM, median of 5 "
+                 "runs)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -78,10 +78,12 @@ _here = os.path.dirname(os.path.abspath(__file__))
 _examples = os.path.join(_here, "..", "examples")
 _gallery_src = os.path.join(_here, "gallery_src")
 _scripts = sorted(f for f in os.listdir(_examples) if f.startswith("plot_") and f.endswith(".py"))
+# modules the scripts import (copied too; sphinx-gallery puts their folder on sys.path)
+_modules = ["shortest_path.py"]
 for _old in os.listdir(_gallery_src):
-    if _old.endswith(".py") and _old not in _scripts:
+    if _old.endswith(".py") and _old not in _scripts + _modules:
         os.remove(os.path.join(_gallery_src, _old))
-for _name in _scripts:
+for _name in _scripts + _modules:
     _src, _dst = os.path.join(_examples, _name), os.path.join(_gallery_src, _name)
     if not (os.path.exists(_dst) and filecmp.cmp(_src, _dst, shallow=False)):
         shutil.copy2(_src, _dst)
@@ -89,8 +91,8 @@ for _name in _scripts:
 sphinx_gallery_conf = {
     "examples_dirs": "gallery_src",
     "gallery_dirs": "auto_examples",
-    "filename_pattern": r"/plot_",  # execute the plot_*.py scripts (the only ones copied)
-    "ignore_pattern": r"__init__\.py",
+    "filename_pattern": r"/plot_",  # execute the plot_*.py scripts
+    "ignore_pattern": r"__init__\.py|^shortest_path\.py$",  # a module, not a gallery page
     "download_all_examples": False,
     "image_scrapers": ("matplotlib",),
     "matplotlib_animations": False,
@@ -101,6 +103,17 @@ sphinx_gallery_conf = {
     "write_computation_times": False,
     "remove_config_comments": True,
 }
+
+
+# -- Benchmarks figure -------------------------------------------------------------------------
+# Drawn at every build from the numbers benchmarks/README.md's tables are printed from, into the
+# ignored _static/generated/ (benchmarks.rst shows it).
+sys.path.insert(0, os.path.join(_here, "..", "benchmarks"))
+import plot_readme  # noqa: E402
+
+plot_readme.write_figure(plot_readme.load(),
+                         os.path.join(_here, "_static", "generated", "benchmarks.svg"))
+sys.path.pop(0)
 
 
 # -- Public names ------------------------------------------------------------------------------

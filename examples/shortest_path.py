@@ -146,7 +146,8 @@ def train_one(method, layer, Xtr, Ctr, Wtr, Ztr, Xte, Cte, Zte, args, seed,
             model.bias.copy_(sol[-1])
     epochs = 0 if method == "two-stage-ls" else args.epochs
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate(method, args)) if epochs else None
-    bar = tqdm(range(epochs), desc=f"{method:>12} deg={deg} seed={seed}", leave=False)
+    bar = tqdm(range(epochs), desc=f"{method:>12} deg={deg} seed={seed}", leave=False,
+                disable=None)  # no bar where stderr is not a terminal (logs, the docs' gallery)
     for _ in bar:
         perm = torch.randperm(Xtr.shape[0])
         for i in range(0, Xtr.shape[0], args.batch):
@@ -171,7 +172,8 @@ def train_one(method, layer, Xtr, Ctr, Wtr, Ztr, Xte, Cte, Zte, args, seed,
     return nreg, elapsed
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The command line's options (also what :func:`figure` reads its labels from)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--degrees", type=int, nargs="+", default=[1, 4],
@@ -208,6 +210,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="write the results to this JSON file (folders are created)")
     ap.add_argument("--plot",
                     help="write a bar chart of the regrets to this PNG file (folders are created)")
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
     if not 0 <= args.validation < args.train:
         ap.error(f"--validation must be in [0, --train) = [0, {args.train}), received "
@@ -272,11 +279,21 @@ def plural(count: int, noun: str) -> str:
 
 
 def plot(table, args, path) -> None:
-    """Grouped bars of mean normalized regret per method and degree (lower is better); error bars
-    (one standard deviation over seeds) only when there are several seeds."""
+    """Write :func:`figure` to the PNG file ``path`` (folders are created)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = figure(table, args)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def figure(table, args):
+    """Grouped bars of mean normalized regret per method and degree (lower is better); error bars
+    (one standard deviation over seeds) only when there are several seeds. Returns the figure."""
     import matplotlib.pyplot as plt
 
     methods, degrees = args.methods, args.degrees
@@ -301,9 +318,7 @@ def plot(table, args, path) -> None:
     # the legend beside the axes, so it covers no bar
     ax.legend(fontsize=9, title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def run_springs(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     hidden = 1.0 + 0.8 * torch.randn(net.edges, generator=g, dtype=DT)
     x_rest = net.start[net.free]
-    sim = dict(dt=args.dt, damping=args.damping, tol=1e-11, max_steps=args.max_sim_steps)
+    sim = {"dt": args.dt, "damping": args.damping, "tol": 1e-11, "max_steps": args.max_sim_steps}
     target, _ = net.simulate(hidden, x_rest, **sim)
     c = args.dt ** 2  # T(x) = x + c F(x): a contraction near a stable rest state for small c
 
@@ -223,9 +223,8 @@ def run_springs(args: argparse.Namespace) -> dict:
     fd_error = abs(float(grad @ direction - fd)) / max(abs(float(fd)), 1e-300)
 
     opt = torch.optim.Adam([theta.requires_grad_(True)], lr=args.lr)
-    loss = loss0
     for _ in range(args.outer_steps):
-        loss, g_theta = hypergradient(theta)
+        _, g_theta = hypergradient(theta)
         theta.grad = g_theta
         opt.step()
     final = loss_of(net.simulate(theta.detach(), state["x"], **sim)[0])

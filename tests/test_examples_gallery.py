@@ -139,3 +139,16 @@ def test_shortest_path_main_job(tmp_path):
     assert held_out["two-stage-ls"][2]["mean"] != table["two-stage-ls"][2]["mean"]
     with pytest.raises(SystemExit):
         sp.main([*common, "--validation", "96"])
+
+
+def test_bilevel_custom_solver(tmp_path):
+    out = load("bilevel_custom_solver").main(
+        ["--outer-steps", "3", "--rows", "3", "--cols", "3", "--json", str(tmp_path / "b.json")])
+    tracking, springs = out["tracking"], out["springs"]
+    # the implicit hypergradient through the CvxpyLayer projection and through the simulation
+    assert tracking["fd_rel_error"] < 1e-6 and tracking["whole_layer_rel_error"] < 1e-6
+    assert springs["fd_rel_error"] < 1e-6
+    assert tracking["active_assets"] < tracking["assets"]  # a corner of the simplex is active
+    assert tracking["val_loss_after"] < tracking["val_loss_before"]
+    assert springs["loss_after"] < springs["loss_before"]
+    assert (tmp_path / "b.json").exists()

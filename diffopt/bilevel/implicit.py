@@ -45,7 +45,10 @@ class _Spec:
 
     ``optimality`` maps flat leaves ``(w, hparams)`` to the leaves of :math:`F(w, \\lambda)`,
     which vanish at the solution; ``symmetric`` says its Jacobian in ``w`` is symmetric (it is a
-    gradient), which conjugate gradients and the symmetrised direct solve rely on.
+    gradient), which conjugate gradients and the symmetrised direct solve rely on. ``batched``
+    says every leaf of ``w`` leads with the same batch dimension of independent problems (item
+    ``b`` of ``F`` depends only on item ``b`` of ``w``), so the direct solve needs only the
+    per-item size in products.
     """
 
     optimality: Callable[[Leaves, Leaves], Leaves]
@@ -53,6 +56,7 @@ class _Spec:
     strategy: Implicit
     diagnostics: Diagnostics
     symmetric: bool
+    batched: bool = False
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -64,6 +68,20 @@ def _unflat(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> tuple[torch.Tens
     for t in like:
         out.append(vec[start : start + t.numel()].view_as(t))
         start += t.numel()
+    return tuple(out)
+
+
+def _rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Leaves with a common leading batch dimension as one ``(batch, n)`` matrix."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+
+
+def _unrows(mat: torch.Tensor, like: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    out, start = [], 0
+    for t in like:
+        size = t[0].numel()
+        out.append(mat[:, start : start + size].reshape(t.shape))
+        start += size
     return tuple(out)
 
 
@@ -131,7 +149,15 @@ class ImplicitSolution(torch.autograd.Function):
                 return _flat(_grad_or_zero(F, w, _unflat(p, w)))
 
             v = _flat(grad_w)
-            u, info = _solve(spec.strategy, vjp, v, spec.symmetric)
+            if spec.batched and spec.strategy.solver == "direct":
+                # Block-diagonal Jacobian: one product per per-item coordinate gives every block.
+                def block_vjp(P: torch.Tensor) -> torch.Tensor:
+                    return _rows(_unflat(vjp(_flat(_unrows(P, w))), w))
+
+                u_rows, info = _solve(spec.strategy, block_vjp, _rows(grad_w), spec.symmetric)
+                u = _flat(_unrows(u_rows, w))
+            else:
+                u, info = _solve(spec.strategy, vjp, v, spec.symmetric)
             spec.diagnostics.linear_solve = info
             if not info.converged:
                 warnings.warn(

@@ -187,6 +187,10 @@ def direct(
     Exact up to rounding and independent of conditioning, but costs ``n`` Hessian-vector products
     and :math:`O(n^2)` memory: for inner problems with a few thousand variables at most.
 
+    ``v`` may have leading batch dimensions, ``(..., n)``, for independent systems (a
+    block-diagonal ``H``): ``matvec`` then maps ``(..., n)`` to ``(..., n)`` and the ``n``
+    products assemble every block at once.
+
     Examples:
         >>> import torch
         >>> H = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -195,14 +199,14 @@ def direct(
         >>> [round(x, 12) for x in u.tolist()], info.iterations
         ([1.0, 1.0], 2)
     """
-    n = v.numel()
+    n = v.shape[-1]
     eye = torch.eye(n, dtype=v.dtype, device=v.device)
-    H = torch.stack([matvec(eye[i]) for i in range(n)], dim=1)
+    H = torch.stack([matvec(eye[i].expand_as(v)) for i in range(n)], dim=-1)
     if symmetric:
-        H = 0.5 * (H + H.T)  # symmetrise away the rounding of the double backward
+        H = 0.5 * (H + H.mT)  # symmetrise away the rounding of the double backward
     try:
-        u = torch.linalg.solve(H, v)
+        u = torch.linalg.solve(H, v.unsqueeze(-1)).squeeze(-1)
     except torch.linalg.LinAlgError:  # singular H: least-squares solution; the residual tells
         u = torch.linalg.lstsq(H, v.unsqueeze(-1)).solution.squeeze(-1)
-    res = _relative(v - H @ u, v.norm())
+    res = _relative(v - (H @ u.unsqueeze(-1)).squeeze(-1), v.norm())
     return u, LinearSolveInfo("direct", n, res, res <= tol)

@@ -208,7 +208,13 @@ def _check_args(
 
 
 def _implicit(
-    obj: _Objective, w: Leaves, h: Leaves, backward: Implicit, taken: int, tol: float | None
+    obj: _Objective,
+    w: Leaves,
+    h: Leaves,
+    backward: Implicit,
+    taken: int,
+    tol: float | None,
+    batched: bool = False,
 ) -> tuple[Leaves, Diagnostics]:
     """Check stationarity at ``w`` and wire it to ``h`` through the implicit backward."""
     grad_norm = _norm(obj.detached_grad(w, h))
@@ -229,7 +235,8 @@ def _implicit(
     def optimality(w: Leaves, h: Leaves) -> Leaves:
         return obj.grad(w, h, create_graph=True)
 
-    return attach(optimality, w, h, backward, diagnostics, symmetric=True), diagnostics
+    w = attach(optimality, w, h, backward, diagnostics, symmetric=True, batched=batched)
+    return w, diagnostics
 
 
 def argmin(
@@ -238,6 +245,7 @@ def argmin(
     hparams: Any,
     *,
     backward: Implicit = Implicit(),
+    batched: bool = False,
     return_diagnostics: bool = False,
 ) -> Any:
     """Attach the implicit hypergradient to a minimiser of ``fn`` computed by any code.
@@ -252,6 +260,9 @@ def argmin(
         solution: the minimiser: a tensor, a tuple of tensors, or an ``nn.Module``.
         hparams: the outer variables :math:`\\lambda`.
         backward: an :class:`Implicit` strategy (conjugate gradients by default).
+        batched: the solution tensors lead with a batch dimension of independent problems
+            (``fn`` is a sum of per-problem losses, so its Hessian is block diagonal); with
+            ``solver="direct"`` the blocks take as many products as one problem has variables.
         return_diagnostics: also return the :class:`Diagnostics` record.
 
     Returns:
@@ -284,7 +295,7 @@ def argmin(
     h, h_structure = flatten(hparams, "hparams")
     warn_captured(fn, h, "fn")
     obj = _Objective(fn, w_structure, h_structure)
-    w, diagnostics = _implicit(obj, optimizers.detach_all(w), h, backward, 0, None)
+    w, diagnostics = _implicit(obj, optimizers.detach_all(w), h, backward, 0, None, batched)
     w_star = w_structure.build(w)
     return (w_star, diagnostics) if return_diagnostics else w_star
 

@@ -58,13 +58,23 @@ def attach(
     diagnostics: Diagnostics,
     *,
     symmetric: bool,
+    batched: bool = False,
 ) -> Leaves:
     """Wire detached solution leaves ``w`` to ``h`` through the implicit backward.
 
     The one place where :class:`~diffopt.bilevel.implicit.ImplicitSolution` is applied; the
     public functions below and :func:`~diffopt.bilevel.minimize` go through it.
     """
-    spec = _Spec(optimality, len(w), backward, diagnostics, symmetric)
+    if batched:
+        sizes = [tuple(x.shape[:1]) for x in w]
+        if any(s == () for s in sizes) or len(set(sizes)) != 1:
+            raise ValueError(
+                f"batched=True needs every solution tensor to lead with the same batch "
+                f"dimension (one row per independent problem); received shapes "
+                f"{[tuple(x.shape) for x in w]}. Stack the problems along dim 0, or pass "
+                f"batched=False."
+            )
+    spec = _Spec(optimality, len(w), backward, diagnostics, symmetric, batched)
     return ImplicitSolution.apply(spec, *(x.detach() for x in w), *h)
 
 
@@ -120,6 +130,7 @@ def root(
     *,
     backward: Implicit = Implicit(solver="direct"),
     symmetric: bool = False,
+    batched: bool = False,
     return_diagnostics: bool = False,
 ) -> Any:
     """Attach the implicit hypergradient to a solution of :math:`F(w, \\lambda) = 0`.
@@ -139,6 +150,11 @@ def root(
             ``symmetric=True``.
         symmetric: ``F`` is the gradient of a scalar function of ``w`` (its Jacobian is a
             symmetric Hessian); allows conjugate gradients.
+        batched: the solution tensors lead with a batch dimension of independent problems
+            (row ``b`` of ``F`` depends only on row ``b`` of ``w``; ``hparams`` may be shared or
+            batched). The Jacobian is then block diagonal, and ``solver="direct"`` assembles
+            every block with as many products as one problem has variables, not all of them.
+            ``"cg"`` and ``"neumann"`` solve the stacked system as is.
         return_diagnostics: also return a :class:`~diffopt.bilevel.Diagnostics` record
             (``steps=0``; ``inner_grad_norm`` holds :math:`\\|F(w^\\star, \\lambda)\\|`).
 
@@ -153,8 +169,9 @@ def root(
 
     Raises:
         TypeError: for a non-:class:`~diffopt.bilevel.Implicit` strategy or bad containers.
-        ValueError: for ``solver="cg"`` without ``symmetric=True``, or an ``optimality`` whose
-            output is not shaped like ``solution``.
+        ValueError: for ``solver="cg"`` without ``symmetric=True``, an ``optimality`` whose
+            output is not shaped like ``solution``, or ``batched=True`` with solution tensors
+            that do not share a leading dimension.
 
     Examples:
         The root of :math:`F(w, a) = w^3 - a` is :math:`a^{1/3}`, found here by bisection:
@@ -178,7 +195,7 @@ def root(
     with torch.no_grad():
         residual = _residual_check(F(w, h), strategy.stationarity_tol, "optimality(w, hparams) = 0")
     diagnostics = Diagnostics(strategy, 0, residual, residual <= strategy.stationarity_tol)
-    out = ws.build(attach(F, w, h, strategy, diagnostics, symmetric=symmetric))
+    out = ws.build(attach(F, w, h, strategy, diagnostics, symmetric=symmetric, batched=batched))
     return (out, diagnostics) if return_diagnostics else out
 
 
@@ -188,6 +205,7 @@ def fixed_point(
     hparams: Any,
     *,
     backward: Implicit = Implicit(solver="neumann", alpha=1.0),
+    batched: bool = False,
     return_diagnostics: bool = False,
 ) -> Any:
     """Attach the implicit hypergradient to a fixed point :math:`w^\\star = T(w^\\star, \\lambda)`.
@@ -202,6 +220,7 @@ def fixed_point(
         hparams: the outer variables :math:`\\lambda`.
         backward: an :class:`~diffopt.bilevel.Implicit` strategy (``"neumann"`` or
             ``"direct"``).
+        batched: a leading batch dimension of independent problems, as in :func:`root`.
         return_diagnostics: as in :func:`root`.
 
     Returns:
@@ -248,7 +267,12 @@ def fixed_point(
     with warnings.catch_warnings():  # already checked on `mapping`; the wrapper captures it
         warnings.simplefilter("ignore", category=CapturedTensorWarning)
         return root(
-            optimality, solution, hparams, backward=strategy, return_diagnostics=return_diagnostics
+            optimality,
+            solution,
+            hparams,
+            backward=strategy,
+            batched=batched,
+            return_diagnostics=return_diagnostics,
         )
 
 
@@ -257,6 +281,7 @@ def custom_root(
     *,
     backward: Implicit = Implicit(solver="direct"),
     symmetric: bool = False,
+    batched: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: make ``solver(hparams, *args, **kwargs) -> w`` differentiable in ``hparams``.
 
@@ -267,6 +292,7 @@ def custom_root(
         optimality: ``F(w, hparams)``, zero at the solver's output.
         backward: the linear solve, as in :func:`root`.
         symmetric: as in :func:`root`.
+        batched: as in :func:`root`.
 
     Returns:
         The decorator.
@@ -298,7 +324,14 @@ def custom_root(
         def solve(hparams: Any, *args: Any, **kwargs: Any) -> Any:
             with torch.no_grad():
                 solution = solver(hparams, *args, **kwargs)
-            return root(optimality, solution, hparams, backward=backward, symmetric=symmetric)
+            return root(
+                optimality,
+                solution,
+                hparams,
+                backward=backward,
+                symmetric=symmetric,
+                batched=batched,
+            )
 
         return solve
 

@@ -185,6 +185,8 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
     if P is not None:
         P = P.abs().view(k, n, n) if dense_P else P.abs()
     D, E = A.new_ones(k, n), A.new_ones(k, m)
+    if not dense_A:
+        D = _epigraph_start(p, A, blocks, n_blocks, P is not None)
     for _ in range(iters):
         if dense_A:
             At = A * E[:, :, None] * D[:, None, :]
@@ -203,6 +205,40 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
         E = (E * _inverse_sqrt(row)).clamp(1 / _BOUND, _BOUND)
     # Powers of two: scaling and unscaling are exact.
     return _pow2(D), _pow2((E / a).clamp(1 / _BOUND, _BOUND))
+
+
+def _epigraph_start(p: ConeProgram, A: torch.Tensor, blocks: torch.Tensor, n_blocks: int,
+                    has_P: bool) -> torch.Tensor:
+    """``D``'s start ``(k, n)``: 1, except for a column with one entry, in a cone block of several
+    rows (an epigraph variable, as ``t`` of ``‖Gx − h‖ ≤ t``), and no quadratic term: its entry is
+    scaled to the largest entry of the block's other columns where that is smaller.
+
+    Ruiz's max-norm iterations stop at once on ``(t, εGx) ∈ K`` (every row and column has largest
+    entry one) and leave ``εG`` tiny within its cone, where a backend's absolute tolerance leaves
+    ``x`` undetermined; from this start they reach ``(εt, εGx)``, which ``E`` scales to order one.
+    """
+    k, n, m = A.shape[0], p.n, p.m
+    dev = A.device
+    ar = torch.as_tensor(p.A_pattern.rows, device=dev)
+    ac = torch.as_tensor(p.A_pattern.cols, device=dev)
+    D = A.new_ones(k, n)
+    if m == 0 or ac.numel() == 0:
+        return D
+    single = torch.bincount(ac, minlength=n) == 1
+    if has_P:
+        single[torch.as_tensor(p.P_pattern.rows, device=dev)] = False
+        single[torch.as_tensor(p.P_pattern.cols, device=dev)] = False
+    block = blocks[ar]
+    wide = (torch.bincount(blocks, minlength=n_blocks) > 1)[block]
+    entry = single[ac] & wide  # the entries of such columns
+    if not bool(entry.any()):
+        return D
+    others = _amax_into(n_blocks, block, torch.where(entry, torch.zeros_like(A), A))
+    target = others.index_select(1, block[entry])
+    value = A[:, entry].abs()
+    shrink = (target > 0) & (target < value)
+    factor = torch.where(shrink, target / value.clamp(min=1e-300), torch.ones_like(value))
+    return D.index_copy(1, ac[entry], factor.clamp(1 / _BOUND, _BOUND))
 
 
 def _pow2(t: torch.Tensor) -> torch.Tensor:

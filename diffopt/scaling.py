@@ -60,6 +60,17 @@ def _amax_into(size: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return out.scatter_reduce(1, idx.expand(src.shape[0], -1), src.abs(), "amax")
 
 
+def _block_mean(size: int, idx: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """The geometric mean of each block's nonzero row norms (0 where there are none): with the
+    largest one, Ruiz stops where one row of a cone (``t`` of ``(t, εGx)``) has norm one and the
+    others stay tiny; the mean is one only when they are balanced around one."""
+    pos = norm > 0
+    logs = torch.where(pos, torch.log(norm.clamp(min=1e-300)), torch.zeros_like(norm))
+    total = norm.new_zeros(norm.shape[0], size).index_add_(1, idx, logs)
+    count = norm.new_zeros(norm.shape[0], size).index_add_(1, idx, pos.to(norm.dtype))
+    return torch.where(count > 0, torch.exp(total / count.clamp(min=1)), torch.zeros_like(total))
+
+
 def _inverse_sqrt(norm: torch.Tensor) -> torch.Tensor:
     """``1/√norm``, 1 where the norm is 0 (an empty row or column)."""
     return torch.where(norm > 0, norm.clamp(min=1e-300).rsqrt(), torch.ones_like(norm))
@@ -200,7 +211,7 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
             col = torch.maximum(col, _amax_into(
                 n, pc, P * D.index_select(1, pr) * D.index_select(1, pc)))
         if n_blocks < m:  # one factor per cone block: the largest row norm of the block
-            row = _amax_into(n_blocks, blocks, row).gather(1, blocks.expand(k, -1))
+            row = _block_mean(n_blocks, blocks, row).gather(1, blocks.expand(k, -1))
         D = (D * _inverse_sqrt(col)).clamp(1 / _BOUND, _BOUND)
         E = (E * _inverse_sqrt(row)).clamp(1 / _BOUND, _BOUND)
     # Powers of two: scaling and unscaling are exact.

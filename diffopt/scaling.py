@@ -113,6 +113,11 @@ class Scaling:
                                    A_values=times(p.A_values, _on(p.A_pattern, E, D)),
                                    b=self.rho * self.E * p.b)
 
+    def to(self, dtype: torch.dtype) -> "Scaling":
+        """The same factors (powers of two: exact) in ``dtype``."""
+        return dataclasses.replace(self, D=self.D.to(dtype), E=self.E.to(dtype),
+                                   sigma=self.sigma.to(dtype), rho=self.rho.to(dtype))
+
     def point(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor):
         """``(x̃, ỹ, s̃)`` of a point ``(x, y, s)`` of the original program."""
         return self.rho * x / self.D, self.sigma * y / self.E, self.rho * self.E * s
@@ -122,7 +127,7 @@ class Scaling:
         residuals it reported are dropped: they measure the scaled program)."""
         x, y = self.D * sol.x / self.rho, self.E * sol.y / self.sigma
         s = sol.s / (self.rho * self.E)
-        diff = None if sol.differentiator is None else _ScaledDifferentiator(
+        diff = None if sol.differentiator is None else ScaledDifferentiator(
             sol.differentiator, self)
         return dataclasses.replace(sol, x=x, y=y, s=s, primal_residual=[], dual_residual=[],
                                    gap=[], differentiator=diff)
@@ -284,7 +289,7 @@ def _objective_and_solution_scales(size_P, size_c, size_b):
     return torch.exp2(u), torch.exp2(w)
 
 
-class _ScaledDifferentiator:
+class ScaledDifferentiator:
     """A backend's differentiator of the scaled program, as one of the original program.
 
     From ``c̃ = σDc``, ``b̃ = ρEb`` and the solution maps: ``λ₁ = σDλ̃₁``, ``λ₂ = ρEλ̃₂`` for

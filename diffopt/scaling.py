@@ -11,7 +11,8 @@ solves
 
 whose solution maps back as ``x = Dx̃/ρ``, ``y = Eỹ/σ``, ``s = E⁻¹s̃/ρ``; its residuals are
 ``σD(Px + Aᵀy + c)`` and ``ρE(Ax + s − b)``. ``D`` and ``E`` come from Ruiz equilibration of
-``[P Aᵀ; A 0]`` (each normalized by its largest entry first); ``σ/ρ`` makes the largest entry of
+``[P Aᵀ; A 0]`` (each normalized by its largest entry first; a cone block's factor from the
+geometric mean of its row norms, epigraph columns started at their block's scale); ``σ/ρ`` makes the largest entry of
 ``P̃`` one, and ``σ`` then balances the largest entries of ``c̃`` and ``b̃`` around one (for an LP,
 ``σ`` and ``ρ`` make each one). Every factor is a power of two, so scaling is exact, and
 ``σ``, ``ρ`` within a factor 16 of one are one. The program has two exact symmetries,

@@ -114,7 +114,7 @@ class Scaling:
                                    A_values=times(p.A_values, _on(p.A_pattern, E, D)),
                                    b=self.rho * self.E * p.b)
 
-    def to(self, dtype: torch.dtype) -> "Scaling":
+    def to(self, dtype: torch.dtype) -> Scaling:
         """The same factors (powers of two: exact) in ``dtype``."""
         return dataclasses.replace(self, D=self.D.to(dtype), E=self.E.to(dtype),
                                    sigma=self.sigma.to(dtype), rho=self.rho.to(dtype))

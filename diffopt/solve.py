@@ -35,7 +35,7 @@ from diffopt.cones import ConeDims
 from diffopt.diff.kkt import KKTDifferentiator
 from diffopt.diff.refine import refine_solution
 from diffopt.errors import InputError, ProblemError, SolverError
-from diffopt.scaling import Scaling, ScaledDifferentiator, solve_scaled
+from diffopt.scaling import ScaledDifferentiator, Scaling, solve_scaled
 from diffopt.solvers.base import (Backend, ConeProgram, SparsePattern, Status, one_torch_thread,
                                   pattern_matvec, take_cols)
 from diffopt.solvers.options import select_backend, translate

@@ -11,7 +11,8 @@ solves
 
 whose solution maps back as ``x = Dx̃/ρ``, ``y = Eỹ/σ``, ``s = E⁻¹s̃/ρ``; its residuals are
 ``σD(Px + Aᵀy + c)`` and ``ρE(Ax + s − b)``. ``D`` and ``E`` come from Ruiz equilibration of
-``[P Aᵀ; A 0]`` (each normalized by its largest entry first); ``σ/ρ`` makes the largest entry of
+``[P Aᵀ; A 0]`` (each normalized by its largest entry first; a cone block's factor from the
+geometric mean of its row norms, epigraph columns started at their block's scale); ``σ/ρ`` makes the largest entry of
 ``P̃`` one, and ``σ`` then balances the largest entries of ``c̃`` and ``b̃`` around one (for an LP,
 ``σ`` and ``ρ`` make each one). Every factor is a power of two, so scaling is exact, and
 ``σ``, ``ρ`` within a factor 16 of one are one. The program has two exact symmetries,
@@ -60,6 +61,17 @@ def _amax_into(size: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return out.scatter_reduce(1, idx.expand(src.shape[0], -1), src.abs(), "amax")
 
 
+def _block_mean(size: int, idx: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """The geometric mean of each block's nonzero row norms (0 where there are none): with the
+    largest one, Ruiz stops where one row of a cone (``t`` of ``(t, εGx)``) has norm one and the
+    others stay tiny; the mean is one only when they are balanced around one."""
+    pos = norm > 0
+    logs = torch.where(pos, torch.log(norm.clamp(min=1e-300)), torch.zeros_like(norm))
+    total = norm.new_zeros(norm.shape[0], size).index_add_(1, idx, logs)
+    count = norm.new_zeros(norm.shape[0], size).index_add_(1, idx, pos.to(norm.dtype))
+    return torch.where(count > 0, torch.exp(total / count.clamp(min=1)), torch.zeros_like(total))
+
+
 def _inverse_sqrt(norm: torch.Tensor) -> torch.Tensor:
     """``1/√norm``, 1 where the norm is 0 (an empty row or column)."""
     return torch.where(norm > 0, norm.clamp(min=1e-300).rsqrt(), torch.ones_like(norm))
@@ -102,6 +114,11 @@ class Scaling:
                                    A_values=times(p.A_values, _on(p.A_pattern, E, D)),
                                    b=self.rho * self.E * p.b)
 
+    def to(self, dtype: torch.dtype) -> Scaling:
+        """The same factors (powers of two: exact) in ``dtype``."""
+        return dataclasses.replace(self, D=self.D.to(dtype), E=self.E.to(dtype),
+                                   sigma=self.sigma.to(dtype), rho=self.rho.to(dtype))
+
     def point(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor):
         """``(x̃, ỹ, s̃)`` of a point ``(x, y, s)`` of the original program."""
         return self.rho * x / self.D, self.sigma * y / self.E, self.rho * self.E * s
@@ -111,7 +128,7 @@ class Scaling:
         residuals it reported are dropped: they measure the scaled program)."""
         x, y = self.D * sol.x / self.rho, self.E * sol.y / self.sigma
         s = sol.s / (self.rho * self.E)
-        diff = None if sol.differentiator is None else _ScaledDifferentiator(
+        diff = None if sol.differentiator is None else ScaledDifferentiator(
             sol.differentiator, self)
         return dataclasses.replace(sol, x=x, y=y, s=s, primal_residual=[], dual_residual=[],
                                    gap=[], differentiator=diff)
@@ -185,6 +202,8 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
     if P is not None:
         P = P.abs().view(k, n, n) if dense_P else P.abs()
     D, E = A.new_ones(k, n), A.new_ones(k, m)
+    if not dense_A:
+        D = _epigraph_start(p, A, blocks, n_blocks, P is not None)
     for _ in range(iters):
         if dense_A:
             At = A * E[:, :, None] * D[:, None, :]
@@ -198,11 +217,45 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
             col = torch.maximum(col, _amax_into(
                 n, pc, P * D.index_select(1, pr) * D.index_select(1, pc)))
         if n_blocks < m:  # one factor per cone block: the largest row norm of the block
-            row = _amax_into(n_blocks, blocks, row).gather(1, blocks.expand(k, -1))
+            row = _block_mean(n_blocks, blocks, row).gather(1, blocks.expand(k, -1))
         D = (D * _inverse_sqrt(col)).clamp(1 / _BOUND, _BOUND)
         E = (E * _inverse_sqrt(row)).clamp(1 / _BOUND, _BOUND)
     # Powers of two: scaling and unscaling are exact.
     return _pow2(D), _pow2((E / a).clamp(1 / _BOUND, _BOUND))
+
+
+def _epigraph_start(p: ConeProgram, A: torch.Tensor, blocks: torch.Tensor, n_blocks: int,
+                    has_P: bool) -> torch.Tensor:
+    """``D``'s start ``(k, n)``: 1, except for a column with one entry, in a cone block of several
+    rows (an epigraph variable, as ``t`` of ``‖Gx − h‖ ≤ t``), and no quadratic term: its entry is
+    scaled to the largest entry of the block's other columns where that is smaller.
+
+    Ruiz's max-norm iterations stop at once on ``(t, εGx) ∈ K`` (every row and column has largest
+    entry one) and leave ``εG`` tiny within its cone, where a backend's absolute tolerance leaves
+    ``x`` undetermined; from this start they reach ``(εt, εGx)``, which ``E`` scales to order one.
+    """
+    k, n, m = A.shape[0], p.n, p.m
+    dev = A.device
+    ar = torch.as_tensor(p.A_pattern.rows, device=dev)
+    ac = torch.as_tensor(p.A_pattern.cols, device=dev)
+    D = A.new_ones(k, n)
+    if m == 0 or ac.numel() == 0:
+        return D
+    single = torch.bincount(ac, minlength=n) == 1
+    if has_P:
+        single[torch.as_tensor(p.P_pattern.rows, device=dev)] = False
+        single[torch.as_tensor(p.P_pattern.cols, device=dev)] = False
+    block = blocks[ar]
+    wide = (torch.bincount(blocks, minlength=n_blocks) > 1)[block]
+    entry = single[ac] & wide  # the entries of such columns
+    if not bool(entry.any()):
+        return D
+    others = _amax_into(n_blocks, block, torch.where(entry, torch.zeros_like(A), A))
+    target = others.index_select(1, block[entry])
+    value = A[:, entry].abs()
+    shrink = (target > 0) & (target < value)
+    factor = torch.where(shrink, target / value.clamp(min=1e-300), torch.ones_like(value))
+    return D.index_copy(1, ac[entry], factor.clamp(1 / _BOUND, _BOUND))
 
 
 def _pow2(t: torch.Tensor) -> torch.Tensor:
@@ -237,7 +290,7 @@ def _objective_and_solution_scales(size_P, size_c, size_b):
     return torch.exp2(u), torch.exp2(w)
 
 
-class _ScaledDifferentiator:
+class ScaledDifferentiator:
     """A backend's differentiator of the scaled program, as one of the original program.
 
     From ``c̃ = σDc``, ``b̃ = ρEb`` and the solution maps: ``λ₁ = σDλ̃₁``, ``λ₂ = ρEλ̃₂`` for

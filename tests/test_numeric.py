@@ -303,3 +303,62 @@ def test_portfolio_items_the_backend_calls_inaccurate_are_verified_and_returned(
         mu.value = muv[i].numpy()
         prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11)
         assert np.abs(sol[i].numpy() - w.value).max() < 1e-5
+
+
+def epigraph_socp():
+    """``min cᵀx + ‖Gx − h‖`` s.t. ``‖x‖ ≤ R``, ``x₀ ≥ τ`` (fuzz family socp, seed 300): scaling
+    ``c, G, h`` by ``s_c`` and ``h, R, τ`` by ``s_b`` gives the solution ``s_b x``."""
+    x = cp.Variable(2)
+    c, G, h = cp.Parameter(2), cp.Parameter((3, 2)), cp.Parameter(3)
+    R, tau = cp.Parameter(), cp.Parameter()
+    prob = cp.Problem(cp.Minimize(c @ x + cp.norm(G @ x - h, 2)),
+                      [cp.norm(x, 2) <= R, x[0] >= tau])
+    return prob, [c, G, h, R, tau], [x]
+
+
+def _epigraph_values(item, s_b, s_c):
+    """Items 2 and 1 of fuzz case socp seed 300 (unit scale), scaled, as float64 tensors."""
+    data = {
+        2: ([-4.400676708416257, -0.26770180109566266],
+            [[-0.08881586889465867, -0.48889507293969287], [-0.38524693282155725,
+             -1.3353956661740565], [1.0502780025306817, 1.7814498912348082]],
+            [0.6120387346598327, -0.023191188833702532, 0.8665998022190657],
+            1.7391575840063258, -3.4783151680126516),
+        1: ([2.2317729026351723, 1.1461960858602747],
+            [[1.6859852353751528, -0.3761303542319413], [-1.113648613220963,
+             -0.5828925861209854], [1.533519003232743, 0.14080521718025815]],
+            [-1.1385548708605824, 0.7357936288960184, -0.03065084345307681],
+            0.5289380356873016, -1.0578760713746032),
+    }[item]
+    factors = (s_c, s_c, s_c * s_b, s_b, s_b)
+    return [torch.tensor(v, dtype=torch.float64) * f for v, f in zip(data, factors)]
+
+
+@pytest.mark.parametrize("solver", ["ecos", "scs"])
+def test_tiny_objective_with_an_epigraph_variable_is_solved(solver):
+    """At ``s_c = 1e-8`` CVXPY's ``t ≥ ‖Gx − h‖`` enters the cone program as ``(t, 1e-8·Gx)``:
+    left so, ECOS and SCS stopped with ``x`` 17-26 % off and every residual below 1e-9 (status
+    OPTIMAL), ``x`` being undetermined below their absolute tolerances."""
+    layer = CvxpyLayer(*epigraph_socp(), solver=solver)
+    (ref,) = CvxpyLayer(*epigraph_socp(), solver="clarabel")(*_epigraph_values(2, 1.0, 1.0))
+    (x,) = layer(*_epigraph_values(2, 1e-2, 1e-8))
+    assert layer.info.status == [Status.OPTIMAL]
+    torch.testing.assert_close(x / 1e-2, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::diffopt.DegenerateWarning")  # raised before the fix
+@pytest.mark.parametrize("solver", ["ecos", "scs"])
+def test_gradient_of_an_extremely_scaled_socp_is_the_unit_scale_one(solver):
+    """At ``s_b = 1e-4``, ``s_c = 1e8`` the data span 1e12; the derivative taken on the original
+    program (not the equilibrated one) came out 10 % off on SCS and ECOS, ``x`` right."""
+    grads = {}
+    for name, s_b, s_c in (("clarabel", 1.0, 1.0), (solver, 1e-4, 1e8)):
+        values = [v.requires_grad_() for v in _epigraph_values(1, s_b, s_c)]
+        layer = CvxpyLayer(*epigraph_socp(), solver=name)
+        (x,) = layer(*values)
+        assert layer.info.status == [Status.OPTIMAL]
+        (x / s_b).sum().backward()
+        # the derivative in the unit-scale data: each one is the given one times its factor
+        grads[name] = torch.cat([(v.grad * f).flatten() for v, f in zip(
+            values, (s_c, s_c, s_c * s_b, s_b, s_b))])
+    torch.testing.assert_close(grads[solver], grads["clarabel"], rtol=1e-4, atol=1e-6)

@@ -12,14 +12,15 @@ solves
 whose solution maps back as ``x = Dx̃/ρ``, ``y = Eỹ/σ``, ``s = E⁻¹s̃/ρ``; its residuals are
 ``σD(Px + Aᵀy + c)`` and ``ρE(Ax + s − b)``. ``D`` and ``E`` come from Ruiz equilibration of
 ``[P Aᵀ; A 0]`` (each normalized by its largest entry first; a cone block's factor from the
-geometric mean of its row norms, epigraph columns started at their block's scale); ``σ/ρ`` makes the largest entry of
-``P̃`` one, and ``σ`` then balances the largest entries of ``c̃`` and ``b̃`` around one (for an LP,
-``σ`` and ``ρ`` make each one). Every factor is a power of two, so scaling is exact, and
-``σ``, ``ρ`` within a factor 16 of one are one. The program has two exact symmetries,
-``(αP, αc, A, b)`` (``x`` unchanged, ``y`` times ``α``) and ``(P, c/t, A, b/t)`` (``x``, ``y``
-divided by ``t``); the scaled program is the same for all of them (up to that rounding), so the
-backend sees one problem and its tolerances act relatively. Each item's factors depend on its
-own data only: an item's answer does not depend on the batch it is solved in.
+geometric mean of its row norms, epigraph columns started at their rows' scale); ``σ/ρ``
+makes the largest entry of ``P̃`` one, and ``σ`` then balances the largest entries of ``c̃``
+and ``b̃`` around one (for an LP, ``σ`` and ``ρ`` make each one). Every factor is a power of
+two, so scaling is exact, and ``σ``, ``ρ`` within a factor 16 of one are one. The program has
+two exact symmetries, ``(αP, αc, A, b)`` (``x`` unchanged, ``y`` times ``α``) and
+``(P, c/t, A, b/t)`` (``x``, ``y`` divided by ``t``); the scaled program is the same for all of
+them (up to that rounding), so the backend sees one problem and its tolerances act relatively.
+Each item's factors depend on its own data only: an item's answer does not depend on the batch
+it is solved in.
 """
 
 from __future__ import annotations
@@ -202,8 +203,12 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
     if P is not None:
         P = P.abs().view(k, n, n) if dense_P else P.abs()
     D, E = A.new_ones(k, n), A.new_ones(k, m)
+    free = torch.ones_like(D, dtype=torch.bool)
     if not dense_A:
         D = _epigraph_start(p, A, blocks, n_blocks, P is not None)
+        # t of t ≥ ±x keeps its start: scaled with its one-row blocks, it would undo their
+        # growth in E (each step moves both by the same factor); a cone's t has a block mean
+        free = (D >= 1) | (torch.bincount(ac, minlength=n) == 1)
     for _ in range(iters):
         if dense_A:
             At = A * E[:, :, None] * D[:, None, :]
@@ -218,7 +223,7 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
                 n, pc, P * D.index_select(1, pr) * D.index_select(1, pc)))
         if n_blocks < m:  # one factor per cone block: the largest row norm of the block
             row = _block_mean(n_blocks, blocks, row).gather(1, blocks.expand(k, -1))
-        D = (D * _inverse_sqrt(col)).clamp(1 / _BOUND, _BOUND)
+        D = torch.where(free, D * _inverse_sqrt(col), D).clamp(1 / _BOUND, _BOUND)
         E = (E * _inverse_sqrt(row)).clamp(1 / _BOUND, _BOUND)
     # Powers of two: scaling and unscaling are exact.
     return _pow2(D), _pow2((E / a).clamp(1 / _BOUND, _BOUND))
@@ -226,9 +231,10 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
 
 def _epigraph_start(p: ConeProgram, A: torch.Tensor, blocks: torch.Tensor, n_blocks: int,
                     has_P: bool) -> torch.Tensor:
-    """``D``'s start ``(k, n)``: 1, except for a column with one entry, in a cone block of several
-    rows (an epigraph variable, as ``t`` of ``‖Gx − h‖ ≤ t``), and no quadratic term: its entry is
-    scaled to the largest entry of the block's other columns where that is smaller.
+    """``D``'s start ``(k, n)``: 1, except for an epigraph column without quadratic term, one
+    with one entry in a cone block of several rows (``t`` of ``‖Gx − h‖ ≤ t``) or with several
+    entries (``t`` of ``t ≥ ±(gᵀx − h)``, CVXPY's form of a one-row norm), each larger than the
+    largest entry of its block's other columns: it is scaled down to the largest such ratio.
 
     Ruiz's max-norm iterations stop at once on ``(t, εGx) ∈ K`` (every row and column has largest
     entry one) and leave ``εG`` tiny within its cone, where a backend's absolute tolerance leaves
@@ -241,21 +247,33 @@ def _epigraph_start(p: ConeProgram, A: torch.Tensor, blocks: torch.Tensor, n_blo
     D = A.new_ones(k, n)
     if m == 0 or ac.numel() == 0:
         return D
-    single = torch.bincount(ac, minlength=n) == 1
-    if has_P:
-        single[torch.as_tensor(p.P_pattern.rows, device=dev)] = False
-        single[torch.as_tensor(p.P_pattern.cols, device=dev)] = False
+    count = torch.bincount(ac, minlength=n)
     block = blocks[ar]
     wide = (torch.bincount(blocks, minlength=n_blocks) > 1)[block]
-    entry = single[ac] & wide  # the entries of such columns
+    candidate = (count == 1) & (torch.zeros_like(count).index_add_(
+        0, ac, wide.to(count.dtype)) == 1) | (count > 1)
+    if has_P:
+        candidate[torch.as_tensor(p.P_pattern.rows, device=dev)] = False
+        candidate[torch.as_tensor(p.P_pattern.cols, device=dev)] = False
+    entry = candidate[ac]  # the entries of such columns
     if not bool(entry.any()):
         return D
-    others = _amax_into(n_blocks, block, torch.where(entry, torch.zeros_like(A), A))
-    target = others.index_select(1, block[entry])
-    value = A[:, entry].abs()
-    shrink = (target > 0) & (target < value)
-    factor = torch.where(shrink, target / value.clamp(min=1e-300), torch.ones_like(value))
-    return D.index_copy(1, ac[entry], factor.clamp(1 / _BOUND, _BOUND))
+    # the largest entry of each entry's block outside its own column: the block's largest,
+    # or its second largest for the one entry that alone reaches the largest
+    value = A.abs()
+    top = _amax_into(n_blocks, block, value)
+    at_top = value >= top.index_select(1, block)
+    ties = torch.zeros_like(top).index_add_(1, block, at_top.to(A.dtype))
+    second = _amax_into(n_blocks, block, torch.where(at_top, torch.zeros_like(value), value))
+    target = torch.where(at_top & (ties.index_select(1, block) == 1),
+                         second.index_select(1, block), top.index_select(1, block))
+    # a column shrinks to the largest ratio over its entries (not at all where one is alone)
+    ratio = torch.where(target > 0, target / value.clamp(min=1e-300),
+                        torch.full_like(value, 2.0))
+    factor = D.new_zeros(k, n).scatter_reduce(1, ac.expand(k, -1),
+                                              torch.where(entry, ratio, torch.ones_like(ratio)),
+                                              "amax").clamp(max=1.0)
+    return torch.where(candidate[None], factor, D).clamp(1 / _BOUND, _BOUND)
 
 
 def _pow2(t: torch.Tensor) -> torch.Tensor:

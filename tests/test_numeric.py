@@ -362,3 +362,30 @@ def test_gradient_of_an_extremely_scaled_socp_is_the_unit_scale_one(solver):
         grads[name] = torch.cat([(v.grad * f).flatten() for v, f in zip(
             values, (s_c, s_c, s_c * s_b, s_b, s_b))])
     torch.testing.assert_close(grads[solver], grads["clarabel"], rtol=1e-4, atol=1e-6)
+
+
+def abs_epigraph_socp():
+    """``min cᵀx + |gᵀx − h|`` s.t. ``‖x‖ ≤ R``, ``x₀ ≥ τ`` (fuzz family socp with ``k = 1``):
+    CVXPY writes the norm of one row as ``t ≥ ±(gᵀx − h)``, two nonnegative rows."""
+    x = cp.Variable(3)
+    c, g, h = cp.Parameter(3), cp.Parameter((1, 3)), cp.Parameter(1)
+    prob = cp.Problem(cp.Minimize(c @ x + cp.norm(g @ x - h, 2)),
+                      [cp.norm(x, 2) <= 1.2, x[0] >= -2.4])
+    return prob, [c, g, h], [x]
+
+
+@pytest.mark.parametrize("solver", ["clarabel", "ecos", "scs"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tiny_objective_with_an_abs_epigraph_variable_is_solved(solver, dtype):
+    """At ``s_c = 1e-8`` the column of ``t`` (cost 1, entries ±1 in two one-row blocks) dwarfed
+    ``1e-8·(c, g, h)``: Clarabel, ECOS and SCS stopped with ``x`` 8-100 % off, status OPTIMAL
+    (fuzz socp seed 10305, float32), until Ruiz started such a column at its rows' scale."""
+    values = [torch.tensor([0.9, -1.7, 0.4], dtype=torch.float64),
+              torch.tensor([[1.3, 0.2, -0.8]], dtype=torch.float64),
+              torch.tensor([0.7], dtype=torch.float64)]
+    (ref,) = CvxpyLayer(*abs_epigraph_socp(), solver="clarabel")(*values)
+    layer = CvxpyLayer(*abs_epigraph_socp(), solver=solver)
+    (x,) = layer(*(v.to(dtype) * 1e-8 for v in values))
+    assert layer.info.status == [Status.OPTIMAL]
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(x.double(), ref, rtol=0, atol=tol)

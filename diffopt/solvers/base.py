@@ -17,6 +17,7 @@ import contextlib
 import enum
 import functools
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -380,11 +381,12 @@ class PerItemBackend(Backend):
             except Exception as exc:  # one item's failure keeps the others' answers
                 return ItemResult(None, None, None, Status.NUMERICAL_ERROR, error=exc)
 
-        if n_jobs == 1:
-            results = [solve_item(i) for i in range(B)]
-        else:
-            with _blas_limit(max(1, cores // n_jobs)), one_torch_thread():
-                results = parallel_map(solve_item, B, n_jobs)
+        with sigint_kept():
+            if n_jobs == 1:
+                results = [solve_item(i) for i in range(B)]
+            else:
+                with _blas_limit(max(1, cores // n_jobs)), one_torch_thread():
+                    results = parallel_map(solve_item, B, n_jobs)
         errors = {i: r.error for i, r in enumerate(results) if r.error is not None}
         if len(errors) == B:  # every item: a bad option or a broken solver, not the data
             raise errors[0]
@@ -539,6 +541,22 @@ def parallel_map(fn: Callable[[int], Any], count: int, n_jobs: int) -> list:
     for future in futures:
         future.result()
     return out
+
+
+@contextlib.contextmanager
+def sigint_kept() -> Iterator[None]:
+    """Re-install Python's SIGINT handler after the block, when run in the main thread.
+
+    ECOS installs a Ctrl-C handler of its own for each solve; solves on several threads restore
+    each other's, and Ctrl-C then no longer raised KeyboardInterrupt in the process.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            signal.signal(signal.SIGINT, saved)
 
 
 @functools.cache

@@ -26,9 +26,9 @@ it is solved in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from diffopt.cones import ConeDims
@@ -45,15 +45,13 @@ _MAX_EXP = 99  # log2 of _BOUND, rounded down
 _KEEP = 4
 
 
-def cone_blocks(dims: ConeDims) -> np.ndarray:
-    """A block index per row: each zero or nonnegative row alone, one block per SOC, PSD and
-    exponential cone, and one for any rows after them."""
+@functools.lru_cache(maxsize=64)
+def cone_blocks(dims: ConeDims) -> torch.Tensor:
+    """The cone block of each row: zero and nonnegative rows one each, a SOC, PSD, exp or power
+    cone one for all its rows (a cone is invariant under a uniform positive scaling only)."""
     sizes = ([1] * (dims.zero + dims.nonneg) + list(dims.soc)
-             + [k * (k + 1) // 2 for k in dims.psd] + [3] * dims.exp)
-    rest = dims.size - sum(sizes)
-    if rest > 0:
-        sizes.append(rest)
-    return np.repeat(np.arange(len(sizes)), sizes)
+             + [k * (k + 1) // 2 for k in dims.psd] + [3] * (dims.exp + len(dims.pow)))
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
 
 
 def _amax_into(size: int, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -185,7 +183,7 @@ def _ruiz(p: ConeProgram, A: torch.Tensor, P: torch.Tensor | None, iters: int):
     dev = A.device
     ar = torch.as_tensor(p.A_pattern.rows, device=dev)
     ac = torch.as_tensor(p.A_pattern.cols, device=dev)
-    blocks = torch.as_tensor(cone_blocks(p.dims), device=dev)
+    blocks = cone_blocks(p.dims).to(dev)
     n_blocks = int(blocks.max()) + 1 if m else 0
     # On the data divided by their largest entries: D and E do not depend on the scale of A or P.
     a = _largest(A, A)

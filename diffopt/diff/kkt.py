@@ -29,7 +29,6 @@ columns (:func:`_equilibrate`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 
 import numpy as np
@@ -37,8 +36,9 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
-from diffopt.cones import ConeDims, dproj_dual
+from diffopt.cones import dproj_dual
 from diffopt.errors import DegenerateWarning
+from diffopt.scaling import cone_blocks
 from diffopt.solvers.base import ConeProgram, lu_factor, pattern_matvec
 
 
@@ -50,15 +50,6 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 #: Sweeps of the row/column equilibration of ``J`` (each halves the spread of the scales' logs).
 EQUILIBRATE_SWEEPS = 6
-
-
-@functools.lru_cache(maxsize=64)
-def _blocks(dims: ConeDims) -> torch.Tensor:
-    """The cone block of each row: zero and nonnegative rows one each, a SOC, PSD, exp or power cone
-    one for all its rows (a cone is invariant under a uniform positive scaling only)."""
-    sizes = [1] * (dims.zero + dims.nonneg) + list(dims.soc)
-    sizes += [k * (k + 1) // 2 for k in dims.psd] + [3] * (dims.exp + len(dims.pow))
-    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
 
 
 def inf_norm(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +73,7 @@ def row_scale(program: ConeProgram, x: torch.Tensor, y: torch.Tensor,
     dev = A.device
     rows = torch.as_tensor(program.A_pattern.rows, device=dev)
     norm = A.new_zeros(B, m).index_add_(1, rows, A * A).sqrt()
-    blocks = _blocks(program.dims).to(dev).expand(B, -1)
+    blocks = cone_blocks(program.dims).to(dev).expand(B, -1)
     norm = norm.new_zeros(B, int(blocks[0, -1]) + 1 if m else 0).scatter_reduce(
         1, blocks, norm, "amax").gather(1, blocks)
     inv = torch.where(norm > 0, 1 / norm, torch.ones_like(norm))

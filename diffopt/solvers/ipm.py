@@ -186,8 +186,7 @@ _WEAK_REG = 1e-8
 # error 3e-9 stepped to 1 − 3e-9 of the boundary, then took 22 more iterations).
 _STEP_GAP_MIN = 1e-6
 # Objectives whose scale max(‖P‖∞, ‖c‖∞) lies outside [2^-6, 2^6] are scaled to 1 (see
-# _objective_scale): with costs of 1e5-1e8, the start x ≈ −c and μ ~ 1e10 left the iterations
-# to fail (NUMERICAL_ERROR / MAX_ITERATIONS on 2-variable box QPs) or certified UNBOUNDED at once.
+# _objective_scale): far from it, the starting point and the unboundedness test lose their scale.
 _OBJECTIVE_BAND = 6
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary taken by a combined step
 _WARM_SHIFT = 1e-3  # distance from the boundary of a warm-started point (relative)

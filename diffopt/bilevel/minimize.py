@@ -11,7 +11,7 @@ import torch
 from diffopt.bilevel import optimizers
 from diffopt.bilevel._capture import warn_captured
 from diffopt.bilevel._params import Leaves, Structure, flatten
-from diffopt.bilevel.root import attach
+from diffopt.bilevel.root import _norm, attach
 from diffopt.bilevel.strategies import (
     Diagnostics,
     Implicit,
@@ -64,10 +64,6 @@ class _Objective:
             w_ = tuple(x.detach().requires_grad_() for x in w)
             g = self.grad(w_, optimizers.detach_all(h), create_graph=False)
         return optimizers.detach_all(g)
-
-
-def _norm(tensors: Leaves) -> float:
-    return float(torch.sqrt(sum((t.detach() ** 2).sum() for t in tensors)))
 
 
 def _detach_state(state: optimizers.State) -> optimizers.State:
@@ -169,9 +165,9 @@ def _check_lr(lr: Any, backward: Any, options: dict[str, Any]) -> float | torch.
 
 
 def _check_args(
-    steps: Any, tol: Any, backward: Any, optimizer: Any
-) -> type[torch.optim.Optimizer] | None:
-    """Validate scalar arguments; return the torch optimizer class if one was given."""
+    steps: Any, tol: Any, backward: Any, optimizer: Any, lr: Any, optimizer_options: Any
+) -> tuple[float | torch.Tensor, dict[str, Any]]:
+    """Validate :func:`minimize`'s arguments; return the checked ``lr`` and the options dict."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer; received {steps!r}.")
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
@@ -198,13 +194,13 @@ def _check_args(
                 f"differentiated, so it works only with backward=Implicit(); received "
                 f"{type(backward).__name__}. Use optimizer='gd', 'sgd' or 'adam' to unroll."
             )
-        return optimizer
-    if not isinstance(optimizer, str):
+    elif not isinstance(optimizer, str):
         raise TypeError(
             f"optimizer must be 'gd', 'sgd', 'adam' or a torch.optim.Optimizer subclass; "
             f"received {optimizer!r}."
         )
-    return None
+    options = dict(optimizer_options or {})
+    return _check_lr(lr, backward, options), options
 
 
 def _implicit(
@@ -214,10 +210,10 @@ def _implicit(
     backward: Implicit,
     taken: int,
     tol: float | None,
-    batched: bool = False,
+    grad_norm: float,
+    batched: bool,
 ) -> tuple[Leaves, Diagnostics]:
     """Check stationarity at ``w`` and wire it to ``h`` through the implicit backward."""
-    grad_norm = _norm(obj.detached_grad(w, h))
     threshold = backward.stationarity_tol if tol is None else tol
     converged = grad_norm <= threshold
     diagnostics = Diagnostics(backward, taken, grad_norm, converged)
@@ -229,7 +225,7 @@ def _implicit(
                 f"exact only at the optimum. Raise steps, tune lr, or use Unrolled() / "
                 f"Truncated(k) to differentiate the iterates actually computed."
             ),
-            stacklevel=3,
+            stacklevel=4,
         )
 
     def optimality(w: Leaves, h: Leaves) -> Leaves:
@@ -237,6 +233,27 @@ def _implicit(
 
     w = attach(optimality, w, h, backward, diagnostics, symmetric=True, batched=batched)
     return w, diagnostics
+
+
+def _attach_backward(
+    obj: _Objective,
+    w: Leaves,
+    h: Leaves,
+    backward: Strategy,
+    taken: int,
+    tol: float | None,
+    return_diagnostics: bool,
+    batched: bool = False,
+) -> Any:
+    """Diagnose ``w`` and, for :class:`Implicit`, wire it to ``h``; build the caller's result."""
+    grad_norm = _norm(obj.detached_grad(w, h))
+    if isinstance(backward, Implicit):
+        w, diagnostics = _implicit(obj, w, h, backward, taken, tol, grad_norm, batched)
+    else:  # Unrolled/Truncated: the graph to h is already in the recorded iterates.
+        converged = None if tol is None else grad_norm <= tol
+        diagnostics = Diagnostics(backward, taken, grad_norm, converged)
+    w_star = obj.w_structure.build(w)
+    return (w_star, diagnostics) if return_diagnostics else w_star
 
 
 def argmin(
@@ -295,9 +312,8 @@ def argmin(
     h, h_structure = flatten(hparams, "hparams")
     warn_captured(fn, h, "fn")
     obj = _Objective(fn, w_structure, h_structure)
-    w, diagnostics = _implicit(obj, optimizers.detach_all(w), h, backward, 0, None, batched)
-    w_star = w_structure.build(w)
-    return (w_star, diagnostics) if return_diagnostics else w_star
+    w = optimizers.detach_all(w)
+    return _attach_backward(obj, w, h, backward, 0, None, return_diagnostics, batched)
 
 
 def _check_implicit(backward: Any) -> Implicit:
@@ -308,6 +324,44 @@ def _check_implicit(backward: Any) -> Implicit:
             f"loop with minimize(..., backward=Unrolled())."
         )
     return backward
+
+
+def _run_inner(
+    obj: _Objective,
+    w0: Leaves,
+    h: Leaves,
+    optimizer: str | type[torch.optim.Optimizer],
+    lr: float | torch.Tensor,
+    options: dict[str, Any],
+    steps: int,
+    tol: float | None,
+    backward: Strategy,
+) -> tuple[Leaves, int]:
+    """The inner loop ``backward`` needs; returns the last iterate and the steps taken.
+
+    :class:`Implicit` records nothing, :class:`Unrolled` records every update, and
+    :class:`Truncated` runs ``steps - k`` updates detached, then records the last ``k``.
+    """
+    if isinstance(optimizer, type):
+        return _iterate_torch_optimizer(obj, w0, h, optimizer, float(lr), options, steps, tol)
+    opt = optimizers.make(optimizer, lr, options)
+    if isinstance(backward, Unrolled):
+        w, _, taken = _iterate(
+            obj, w0, h, opt, opt.init(w0), steps, tol,
+            differentiable=True, first_order=backward.first_order,
+        )
+        return w, taken
+    free = steps - backward.k if isinstance(backward, Truncated) else steps
+    w0_detached = optimizers.detach_all(w0)
+    w, state, taken = _iterate(
+        obj, w0_detached, h, opt, opt.init(w0_detached), free, tol, differentiable=False
+    )
+    if isinstance(backward, Truncated):
+        w, _, _ = _iterate(
+            obj, w, h, opt, _detach_state(state), backward.k, None, differentiable=True
+        )
+        taken += backward.k
+    return w, taken
 
 
 def minimize(
@@ -403,43 +457,10 @@ def minimize(
         >>> info.converged, info.linear_solve.converged, lam.grad.shape
         (True, True, torch.Size([]))
     """
-    torch_optimizer = _check_args(steps, tol, backward, optimizer)
-    options = dict(optimizer_options or {})
-    lr = _check_lr(lr, backward, options)
-    w0, w_structure = flatten(init, "init")
-    h, h_structure = flatten(hparams, "hparams")
+    lr, options = _check_args(steps, tol, backward, optimizer, lr, optimizer_options)
+    (w0, w_structure), (h, h_structure) = flatten(init, "init"), flatten(hparams, "hparams")
     if isinstance(backward, Implicit):
         warn_captured(fn, h, "fn")
     obj = _Objective(fn, w_structure, h_structure)
-
-    if torch_optimizer is not None:
-        w, taken = _iterate_torch_optimizer(
-            obj, w0, h, torch_optimizer, float(lr), options, steps, tol
-        )
-    else:
-        opt = optimizers.make(optimizer, lr, options)  # type: ignore[arg-type]
-        if isinstance(backward, Unrolled):
-            w, _, taken = _iterate(
-                obj, w0, h, opt, opt.init(w0), steps, tol,
-                differentiable=True, first_order=backward.first_order,
-            )
-        else:
-            free = steps - backward.k if isinstance(backward, Truncated) else steps
-            w0_detached = optimizers.detach_all(w0)
-            w, state, taken = _iterate(
-                obj, w0_detached, h, opt, opt.init(w0_detached), free, tol, differentiable=False
-            )
-            if isinstance(backward, Truncated):
-                w, _, _ = _iterate(
-                    obj, w, h, opt, _detach_state(state), backward.k, None, differentiable=True
-                )
-                taken += backward.k
-
-    if isinstance(backward, Implicit):
-        w, diagnostics = _implicit(obj, w, h, backward, taken, tol)
-    else:
-        grad_norm = _norm(obj.detached_grad(w, h))
-        converged = None if tol is None else grad_norm <= tol
-        diagnostics = Diagnostics(backward, taken, grad_norm, converged)
-    w_star = w_structure.build(w)
-    return (w_star, diagnostics) if return_diagnostics else w_star
+    w, taken = _run_inner(obj, w0, h, optimizer, lr, options, steps, tol, backward)
+    return _attach_backward(obj, w, h, backward, taken, tol, return_diagnostics)
